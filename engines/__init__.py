@@ -1,0 +1,1 @@
+"""One runtime interface over PyTorch, ONNX Runtime, TensorRT and Triton backends."""

@@ -1,0 +1,50 @@
+"""Task metrics shared by training, evaluation and the parity checks."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def roc_auc(label: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half)."""
+    label = np.asarray(label).astype(bool)
+    n_pos, n_neg = int(label.sum()), int((~label).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(score)
+    return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def youden_threshold(label: np.ndarray, prob: np.ndarray) -> float:
+    """Threshold maximising sensitivity + specificity, chosen on a validation split."""
+    candidates = np.unique(prob)
+    best, best_j = 0.5, -1.0
+    for t in candidates:
+        m = binary_metrics(label, prob, float(t))
+        j = m["sensitivity"] + m["specificity"]
+        if j > best_j:
+            best, best_j = float(t), j
+    return best
+
+
+def binary_metrics(label: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
+    label = np.asarray(label).astype(bool)
+    pred = np.asarray(prob) >= threshold
+    tp, tn = int((pred & label).sum()), int((~pred & ~label).sum())
+    return {
+        "accuracy": float((pred == label).mean()),
+        "sensitivity": tp / max(int(label.sum()), 1),
+        "specificity": tn / max(int((~label).sum()), 1),
+    }
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two binary masks over all nodes together (1.0 when both are empty)."""
+    a, b = np.asarray(a).astype(bool), np.asarray(b).astype(bool)
+    denom = int(a.sum()) + int(b.sum())
+    return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))

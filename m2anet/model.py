@@ -1,0 +1,263 @@
+"""M2ANet: multi-task, multi-scale mask-attention network for lymph-node metastasis.
+
+This is a *reconstruction* of M2ANet (Med Biol Eng Comput 2025, doi 10.1007/s11517-025-03391-1):
+the paper's code and full text are not public, only its abstract, which describes soft
+expansion of the node mask, mask-guided attention aggregation of image features at several
+scales, and two branches that predict the metastasis probability and the node mask together.
+Every choice below that the abstract does not fix is ours, made so that the graph exports to
+ONNX and TensorRT with static shapes except the batch: no Resize, adaptive pooling, NonZero,
+TopK, GridSample, If/Loop or data-dependent shapes.
+
+The forward pass follows the figure: encoder S1..S5 on the CT -> soft mask expansion of the
+given node contour -> ring x attention pooling at S3, S4, S5 plus a global token -> gated
+token fusion -> metastasis logit; a U-Net decoder from S5 predicts the node mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+PATCH_SHAPE = (16, 64, 64)
+"""(z, y, x) voxels of the per-node patch."""
+PATCH_SPACING_MM = (3.0, 0.8, 0.8)
+"""(z, y, x) voxel spacing of the patch in mm."""
+HU_WINDOW = (-175.0, 275.0)
+"""HU are clipped to this window and scaled to [0, 1] before the model."""
+
+Heads = Literal["both", "cls"]
+
+
+@dataclass(frozen=True)
+class M2ANetConfig:
+    widths: tuple[int, int, int, int, int]
+    blocks: tuple[int, int, int, int, int] = (1, 1, 2, 2, 1)
+    token_dim: int = 128
+    attn_dim: int = 64
+    head_hidden: int = 64
+    dropout: float = 0.2
+    eps: float = 1e-3  # keeps the pooled mean finite for an empty ring; representable in FP16
+
+
+_REGISTRY: dict[str, M2ANetConfig] = {
+    "m2anet_base": M2ANetConfig(widths=(16, 32, 64, 128, 256)),
+    "m2anet_small": M2ANetConfig(widths=(8, 16, 32, 64, 128), token_dim=64, attn_dim=32, head_hidden=32),
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_config(name: str) -> M2ANetConfig:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(list_models())}") from None
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int | tuple[int, int, int] = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm3d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResBlock(nn.Module):
+    """Basic 3D residual block; a 1x1x1 projection shortcut where shape or width changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int | tuple[int, int, int] = 1) -> None:
+        super().__init__()
+        self.conv1 = _conv_bn_relu(cin, cout, stride)
+        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm3d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv3d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm3d(cout)
+            )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn2(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
+def _stage(cin: int, cout: int, n_blocks: int, stride: int | tuple[int, int, int]) -> nn.Sequential:
+    return nn.Sequential(
+        ResBlock(cin, cout, stride),
+        *(ResBlock(cout, cout) for _ in range(n_blocks - 1)),
+    )
+
+
+class SoftMaskExpansion(nn.Module):
+    """Three soft rings around the node (core, near, far) at S3 resolution.
+
+    Dilating the occupancy with stride-1 max pooling and mixing the dilations with learned
+    softmax weights gives masks that are 1 on the node and decay outward, so pooling can
+    look at the node's margin and surroundings and absorb a few voxels of contour error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.AvgPool3d((1, 4, 4))
+        self.dilate = nn.MaxPool3d(3, stride=1, padding=1)
+        self.near_logits = nn.Parameter(torch.zeros(3))
+        self.far_logits = nn.Parameter(torch.zeros(5))
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        d = [self.down(mask)]
+        for _ in range(4):
+            d.append(self.dilate(d[-1]))
+        stack = torch.cat(d, dim=1)  # (B, 5, 16, 16, 16)
+        near_w = torch.softmax(self.near_logits, 0).view(1, 3, 1, 1, 1)
+        far_w = torch.softmax(self.far_logits, 0).view(1, 5, 1, 1, 1)
+        near = (stack[:, :3] * near_w).sum(1, keepdim=True)
+        far = (stack * far_w).sum(1, keepdim=True)
+        return torch.cat([d[0], near, far], dim=1)  # (B, 3, ...): core, near, far
+
+
+class MaskAttentionPool(nn.Module):
+    """One token per ring: attention-weighted mean of the features inside that ring."""
+
+    def __init__(self, channels: int, token_dim: int, eps: float) -> None:
+        super().__init__()
+        self.attn = nn.Conv3d(channels, 3, 1)
+        self.proj = nn.Linear(channels, token_dim)
+        self.eps = eps
+
+    def forward(self, feat: torch.Tensor, rings: torch.Tensor) -> torch.Tensor:
+        w = (rings * torch.sigmoid(self.attn(feat))).flatten(2)  # (B, 3, N)
+        f = feat.flatten(2).transpose(1, 2)  # (B, N, C)
+        pooled = torch.matmul(w, f) / (w.sum(2, keepdim=True) + self.eps)  # (B, 3, C)
+        return self.proj(pooled)
+
+
+class GatedAttentionFusion(nn.Module):
+    """Gated attention pooling over tokens (Ilse et al. 2018): which scale and ring matter."""
+
+    def __init__(self, dim: int, attn_dim: int) -> None:
+        super().__init__()
+        self.v = nn.Linear(dim, attn_dim)
+        self.u = nn.Linear(dim, attn_dim)
+        self.w = nn.Linear(attn_dim, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        score = self.w(torch.tanh(self.v(tokens)) * torch.sigmoid(self.u(tokens)))  # (B, T, 1)
+        alpha = torch.softmax(score, dim=1)
+        return (alpha * tokens).sum(1)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cskip: int, cout: int, stride: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose3d(cin, cout, stride, stride=stride)
+        self.conv = _conv_bn_relu(cout + cskip, cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+class M2ANet(nn.Module):
+    def __init__(self, config: M2ANetConfig, heads: Heads = "both") -> None:
+        super().__init__()
+        if heads not in ("both", "cls"):
+            raise ValueError(f"heads must be 'both' or 'cls', got {heads!r}")
+        self.config, self.heads = config, heads
+        w, b, td = config.widths, config.blocks, config.token_dim
+        self.s1 = nn.Sequential(_conv_bn_relu(1, w[0]), _stage(w[0], w[0], b[0], 1))
+        self.s2 = _stage(w[0], w[1], b[1], (1, 2, 2))
+        self.s3 = _stage(w[1], w[2], b[2], (1, 2, 2))
+        self.s4 = _stage(w[2], w[3], b[3], 2)
+        self.s5 = _stage(w[3], w[4], b[4], 2)
+
+        self.sme = SoftMaskExpansion()
+        self.to_s4 = nn.AvgPool3d(2)
+        self.to_s5 = nn.AvgPool3d(4)
+        self.pool3 = MaskAttentionPool(w[2], td, config.eps)
+        self.pool4 = MaskAttentionPool(w[3], td, config.eps)
+        self.pool5 = MaskAttentionPool(w[4], td, config.eps)
+        self.global_proj = nn.Linear(w[4], td)
+        self.token_embed = nn.Parameter(torch.zeros(1, 10, td))  # which scale/ring a token is
+        self.fusion = GatedAttentionFusion(td, config.attn_dim)
+        self.head = nn.Sequential(
+            nn.Linear(td, config.head_hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.head_hidden, 1),
+        )
+
+        if heads == "both":
+            self.up4 = UpBlock(w[4], w[3], w[3], (2, 2, 2))
+            self.up3 = UpBlock(w[3], w[2], w[2], (2, 2, 2))
+            self.up2 = UpBlock(w[2], w[1], w[1], (1, 2, 2))
+            self.up1 = UpBlock(w[1], w[0], w[0], (1, 2, 2))
+            self.seg_out = nn.Conv3d(w[0], 1, 1)
+
+    def forward(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        f1 = self.s1(ct)
+        f2 = self.s2(f1)
+        f3 = self.s3(f2)
+        f4 = self.s4(f3)
+        f5 = self.s5(f4)
+
+        rings3 = self.sme(mask)
+        rings4 = self.to_s4(rings3)
+        rings5 = self.to_s5(rings3)
+        tokens = torch.cat(
+            [
+                self.pool3(f3, rings3),
+                self.pool4(f4, rings4),
+                self.pool5(f5, rings5),
+                self.global_proj(f5.mean((2, 3, 4))).unsqueeze(1),
+            ],
+            dim=1,
+        )
+        met_logit = self.head(self.fusion(tokens + self.token_embed))
+        if self.heads == "cls":
+            return (met_logit,)
+
+        x = self.up4(f5, f4)
+        x = self.up3(x, f3)
+        x = self.up2(x, f2)
+        x = self.up1(x, f1)
+        return met_logit, self.seg_out(x)
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    heads: Heads = "both",
+    weights: str | None = None,
+) -> M2ANet:
+    """Build a registered config; `pretrained` loads the shipped weights, `weights` a file."""
+    model = M2ANet(get_config(name), heads=heads)
+    if pretrained or weights is not None:
+        from m2anet.weights import load_weights
+
+        load_weights(model, weights if weights is not None else name)
+    return model.eval()
+
+
+def model_stats(name: str, heads: Heads = "both") -> dict[str, float]:
+    """Parameters and FLOPs per node (FLOP = 2 x multiply-accumulate), from torch's counter.
+
+    The benchmarks divide these FLOPs by the measured device peak to get the arithmetic floor.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = M2ANet(get_config(name), heads=heads).eval()
+    ct = torch.zeros(1, 1, *PATCH_SHAPE)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(ct, ct)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "flops_per_node": counter.get_total_flops(),
+    }
+
+
+def config_dict(name: str) -> dict:
+    return {"name": name, **asdict(get_config(name))}

@@ -1,0 +1,94 @@
+"""Loading and saving weights without pickle: safetensors, or a torch state dict read with
+`weights_only=True`. A checkpoint that does not fit the config fails naming the first mismatch."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from m2anet.io import atomic_path
+
+
+class WeightsError(ValueError):
+    pass
+
+
+def shipped_weights(name: str) -> Path:
+    return Path(str(resources.files("m2anet") / "weights" / f"{name}.safetensors"))
+
+
+def training_record(name: str) -> dict:
+    """The JSON record written next to the shipped weights by `m2a-train`."""
+    return json.loads(shipped_weights(name).with_suffix(".json").read_text())
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found: pass an existing .safetensors or .pt file")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise WeightsError(f"{path} is not a valid safetensors file ({e}): re-export it") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(
+            f"{path} cannot be read as a weights-only torch state dict ({type(e).__name__}): "
+            "save it with torch.save(model.state_dict(), path) or as .safetensors"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_weights(model: torch.nn.Module, name_or_path: str | Path) -> Path:
+    """Load a registered model's shipped weights (by name) or a file; returns the file's path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = shipped_weights(str(name_or_path))
+        if not path.is_file():
+            raise WeightsError(f"no shipped weights for {name_or_path!r}: train them with m2a-train")
+    state = _read_state(path)
+    expected = model.state_dict()
+    for key, value in expected.items():
+        if key not in state:
+            raise WeightsError(
+                f"{path}: missing key {key!r} (shape {tuple(value.shape)}): "
+                "the checkpoint was made for another config"
+            )
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise WeightsError(
+                f"{path}: {key!r} has shape {tuple(state[key].shape)}, the config expects "
+                f"{tuple(value.shape)}: the checkpoint was made for another config"
+            )
+    unexpected = [k for k in state if k not in expected and not _decoder_key(k, model)]
+    if unexpected:
+        raise WeightsError(
+            f"{path}: unexpected key {unexpected[0]!r}: the checkpoint was made for another config"
+        )
+    model.load_state_dict({k: state[k] for k in expected})
+    return path
+
+
+def _decoder_key(key: str, model: torch.nn.Module) -> bool:
+    """A classification-only model loads a two-head checkpoint and ignores its decoder."""
+    return getattr(model, "heads", "both") == "cls" and key.split(".")[0] in {
+        "up4",
+        "up3",
+        "up2",
+        "up1",
+        "seg_out",
+    }
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)

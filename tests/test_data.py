@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from m2anet.data import SPLITS, load_split
+from m2anet.model import PATCH_SHAPE
+
+
+def test_same_seed_same_arrays_and_prefix_stability():
+    a, b = load_split("calib", n=5), load_split("calib", n=5)
+    for field in ("ct", "mask", "seg", "label", "patient_id", "node_id"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    longer = load_split("calib", n=9)
+    np.testing.assert_array_equal(longer.ct[:5], a.ct)
+    assert a.sha256() == b.sha256() != longer.sha256()
+
+
+def test_other_seed_gives_a_fresh_cohort():
+    a, b = load_split("val", n=4), load_split("val", n=4, seed=77)
+    assert not np.array_equal(a.ct, b.ct)
+    assert not set(a.patient_id) & set(b.patient_id)
+
+
+def test_arrays_are_model_inputs():
+    c = load_split("train", n=8)
+    assert c.ct.shape == c.mask.shape == c.seg.shape == (8, 1, *PATCH_SHAPE)
+    assert c.ct.dtype == c.mask.dtype == np.float32
+    assert 0.0 <= c.ct.min() and c.ct.max() <= 1.0
+    assert set(np.unique(c.mask)) <= {0.0, 1.0} and set(np.unique(c.seg)) <= {0.0, 1.0}
+    assert (c.seg.sum(axis=(1, 2, 3, 4)) > 0).all()
+    # the node sits near the patch centre and the noisy contour still overlaps it
+    overlap = (c.mask * c.seg).sum(axis=(1, 2, 3, 4)) / c.seg.sum(axis=(1, 2, 3, 4))
+    assert (overlap > 0.3).all()
+    z, y, x = np.nonzero(c.seg[0, 0])
+    assert abs(y.mean() - 31.5) < 10 and abs(x.mean() - 31.5) < 10
+
+
+def test_splits_are_disjoint_by_patient_and_grouped():
+    ids = {name: set(load_split(name, n=12).patient_id) for name in SPLITS}
+    names = list(ids)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not ids[a] & ids[b], (a, b)
+    counts = np.unique(load_split("test", n=40).patient_id, return_counts=True)[1]
+    assert counts[:-1].min() >= 2 and counts.max() <= 6  # the last patient may be cut by n
+
+
+def test_label_model_is_realistic(test_split):
+    """Best achievable accuracy 85-92%; the size rule well below it; both classes present."""
+    p, y = test_split.bayes_probability, test_split.label
+    assert 0.83 <= np.mean((p >= 0.5) == y) <= 0.93
+    assert 0.2 < y.mean() < 0.6
+    assert np.mean((test_split.short_axis_mm >= 10) == y) < np.mean((p >= 0.5) == y) - 0.05
+
+
+def test_unknown_split():
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        load_split("dev")

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from m2anet import create_model, list_models, model_stats
+from m2anet.model import PATCH_SHAPE, SoftMaskExpansion
+
+
+@pytest.mark.parametrize("name", ["m2anet_small", "m2anet_base"])
+@pytest.mark.parametrize("heads", ["both", "cls"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_output_shapes_and_dtypes(name, heads, batch):
+    model = create_model(name, heads=heads)
+    ct = torch.rand(batch, 1, *PATCH_SHAPE)
+    mask = torch.zeros_like(ct)
+    mask[:, :, 6:10, 28:36, 28:36] = 1
+    with torch.no_grad():
+        out = model(ct, mask)
+    assert len(out) == (2 if heads == "both" else 1)
+    assert out[0].shape == (batch, 1) and out[0].dtype == torch.float32
+    if heads == "both":
+        assert out[1].shape == (batch, 1, *PATCH_SHAPE) and out[1].dtype == torch.float32
+    assert all(torch.isfinite(o).all() for o in out)
+
+
+def test_batch_rows_are_independent_in_eval():
+    model = create_model("m2anet_small")
+    ct, mask = torch.rand(3, 1, *PATCH_SHAPE), (torch.rand(3, 1, *PATCH_SHAPE) > 0.8).float()
+    with torch.no_grad():
+        full = model(ct, mask)[0]
+        single = model(ct[1:2], mask[1:2])[0]
+    torch.testing.assert_close(full[1:2], single, atol=1e-5, rtol=1e-4)
+
+
+def test_registry_and_unknown_name():
+    assert list_models() == ["m2anet_base", "m2anet_small"]
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        create_model("resnet")
+    with pytest.raises(ValueError, match="heads"):
+        create_model("m2anet_small", heads="seg")
+
+
+def test_stats_match_the_design():
+    base, base_cls = model_stats("m2anet_base"), model_stats("m2anet_base", heads="cls")
+    assert 6e6 <= base["params"] <= 8e6
+    assert 14e9 <= base["flops_per_node"] <= 17e9
+    assert base_cls["flops_per_node"] < 0.6 * base["flops_per_node"]
+    small = model_stats("m2anet_small")
+    assert small["flops_per_node"] < base["flops_per_node"] / 3
+
+
+def _ball(radius_vox: float) -> torch.Tensor:
+    z, y, x = torch.meshgrid(*(torch.arange(n) - n / 2 + 0.5 for n in PATCH_SHAPE), indexing="ij")
+    return ((z * 3.0 / 0.8) ** 2 + y**2 + x**2 <= radius_vox**2).float()[None, None]
+
+
+def test_soft_mask_expansion_rings():
+    sme = SoftMaskExpansion()
+    with torch.no_grad():
+        sme.near_logits.copy_(torch.tensor([0.3, -1.0, 2.0]))
+        sme.far_logits.copy_(torch.tensor([1.0, 0.0, -0.5, 0.7, 2.0]))
+        rings = sme(_ball(12.0))[0]  # (3, 16, 16, 16)
+    assert rings.min() >= 0 and rings.max() <= 1
+    centre = (8, 8, 8)
+    assert torch.all(rings[(slice(None), *centre)] == 1)
+    # monotone outward along the in-plane ray from the centre, and wider for the outer rings
+    for ring in rings:
+        ray = ring[8, 8, 8:]
+        assert torch.all(ray[1:] <= ray[:-1] + 1e-6)
+    assert rings[1].sum() > rings[0].sum() and rings[2].sum() > rings[1].sum()
+    assert torch.all(rings[1] >= rings[0] - 1e-6)
+
+
+def test_encoder_does_not_see_the_mask_and_pooling_does():
+    model = create_model("m2anet_small")
+    ct = torch.rand(1, 1, *PATCH_SHAPE)
+    m1, m2 = _ball(6.0), torch.roll(_ball(6.0), 12, dims=4)
+    with torch.no_grad():
+        a, b = model(ct, m1), model(ct, m2)
+    torch.testing.assert_close(a[1], b[1])  # segmentation from the CT only
+    assert not torch.allclose(a[0], b[0])  # classification depends on which node is masked

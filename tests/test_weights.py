@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from m2anet import create_model
+from m2anet.train import evaluate
+from m2anet.weights import WeightsError, load_weights, save_weights, training_record
+
+
+def test_round_trip(tmp_path):
+    model = create_model("m2anet_small")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    save_weights(model, tmp_path / "w.safetensors", metadata={"model": "m2anet_small"})
+    again = create_model("m2anet_small", weights=str(tmp_path / "w.safetensors"))
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temp file left behind
+
+
+def test_torch_state_dict_loads_weights_only(tmp_path):
+    model = create_model("m2anet_small")
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    create_model("m2anet_small", weights=str(tmp_path / "w.pt"))
+    torch.save({"state_dict": model.state_dict(), "optimizer": object()}, tmp_path / "pickled.pt")
+    with pytest.raises(WeightsError, match="weights-only"):
+        create_model("m2anet_small", weights=str(tmp_path / "pickled.pt"))
+
+
+def test_mismatch_names_the_first_bad_key(tmp_path):
+    state = create_model("m2anet_small").state_dict()
+    bad = dict(state)
+    bad["s1.0.0.weight"] = torch.zeros(3, 1, 3, 3, 3)
+    save_file(bad, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(WeightsError, match=r"'s1\.0\.0\.weight' has shape \(3, 1, 3, 3, 3\)"):
+        create_model("m2anet_small", weights=str(tmp_path / "shape.safetensors"))
+    missing = {k: v for k, v in state.items() if k != "head.3.bias"}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(WeightsError, match=r"missing key 'head\.3\.bias'"):
+        create_model("m2anet_small", weights=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(WeightsError, match="another config"):  # base weights into small
+        load_weights(create_model("m2anet_small"), "m2anet_base")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="not a valid safetensors file"):
+        create_model("m2anet_small", weights=str(tmp_path / "junk.safetensors"))
+    with pytest.raises(WeightsError, match="not found"):
+        create_model("m2anet_small", weights=str(tmp_path / "absent.safetensors"))
+
+
+def test_classification_only_model_takes_the_two_head_checkpoint():
+    both = create_model("m2anet_small", pretrained=True)
+    cls = create_model("m2anet_small", pretrained=True, heads="cls")
+    ct = torch.rand(2, 1, 16, 64, 64)
+    mask = (torch.rand(2, 1, 16, 64, 64) > 0.9).float()
+    with torch.no_grad():
+        torch.testing.assert_close(both(ct, mask)[0], cls(ct, mask)[0])
+
+
+@pytest.mark.parametrize("name", ["m2anet_small", "m2anet_base"])
+def test_shipped_weights_reproduce_their_record_and_beat_the_size_rule(name, test_split):
+    record = training_record(name)
+    result = evaluate(create_model(name, pretrained=True), test_split, record["threshold"])
+    assert abs(result["accuracy"] - record["test"]["accuracy"]) <= 0.005
+    assert abs(result["auc"] - record["test"]["auc"]) <= 0.005
+    rule = record["test_size_rule"]
+    assert result["accuracy"] > rule["accuracy"] and result["auc"] > rule["auc"]
+    assert np.isfinite(result["dice"]) and result["dice"] > 0.5
