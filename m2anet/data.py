@@ -357,7 +357,7 @@ def _mediastinum(rng: np.random.Generator, grid, shape: tuple[int, ...]) -> tupl
 
     Returns the HU volume and the tubes nodes must keep clear of, as (y, x, radius) in mm.
     """
-    z, y, x = grid
+    _z, y, x = grid
     hu = -100.0 + 12.0 * ndimage.gaussian_filter(rng.normal(size=shape), (1.0, 6.0, 6.0)) / 0.03
     for side in (-1, 1):  # lungs with their pleura
         d = np.sqrt(((y - 5.0) / 85.0) ** 2 + ((x - side * 72.0) / 42.0) ** 2) - 1.0

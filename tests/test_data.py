@@ -24,13 +24,13 @@ def test_arrays_are_model_inputs():
     c = load_split("train", n=8)
     assert c.ct.shape == c.mask.shape == c.seg.shape == (8, 1, *PATCH_SHAPE)
     assert c.ct.dtype == c.mask.dtype == np.float32
-    assert 0.0 <= c.ct.min() and c.ct.max() <= 1.0
+    assert c.ct.min() >= 0.0 and c.ct.max() <= 1.0
     assert set(np.unique(c.mask)) <= {0.0, 1.0} and set(np.unique(c.seg)) <= {0.0, 1.0}
     assert (c.seg.sum(axis=(1, 2, 3, 4)) > 0).all()
     # the node sits near the patch centre and the noisy contour still overlaps it
     overlap = (c.mask * c.seg).sum(axis=(1, 2, 3, 4)) / c.seg.sum(axis=(1, 2, 3, 4))
     assert (overlap > 0.3).all()
-    z, y, x = np.nonzero(c.seg[0, 0])
+    _z, y, x = np.nonzero(c.seg[0, 0])
     assert abs(y.mean() - 31.5) < 10 and abs(x.mean() - 31.5) < 10
 
 

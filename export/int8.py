@@ -1,0 +1,107 @@
+"""INT8 graph with explicit Q/DQ, calibrated on the synthetic `calib` split.
+
+ONNX Runtime's `quantize_static` (QDQ format, per-channel weights, per-tensor activations)
+does the work. Two targets:
+
+* `tensorrt` (default): symmetric signed INT8 for weights and activations, zero point 0,
+  which is the only INT8 TensorRT accepts; ONNX Runtime runs it too.
+* `cpu`: unsigned asymmetric activations, which ONNX Runtime's x86 kernels fuse into
+  integer convolutions more often; TensorRT rejects it.
+
+Only convolutions are quantized: they hold >99% of the FLOPs, and the masked pooling,
+softmaxes and head stay in FP32 for parity.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+
+from m2anet.data import Cohort, load_split
+from m2anet.export.onnx_export import check_graph
+from m2anet.io import atomic_path
+
+CALIB_METHODS = {
+    "max": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+Target = Literal["tensorrt", "cpu"]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    method: str = "max"
+    size: int = 128
+    batch: int = 8
+    target: Target = "tensorrt"
+    exclude: tuple[str, ...] = ()
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, cohort: Cohort, batch: int, on_batch) -> None:
+        self.cohort, self.batch, self.on_batch, self.i = cohort, batch, on_batch, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.cohort):
+            return None
+        sl = slice(self.i, self.i + self.batch)
+        self.i += self.batch
+        self.on_batch(min(self.batch, len(self.cohort) - sl.start))
+        return {"ct": self.cohort.ct[sl], "mask": self.cohort.mask[sl]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def quantize_int8(fp32_path: str | Path, path: str | Path, calib: Calibration, progress=None) -> dict:
+    """Write the Q/DQ graph; returns the calibration record for the manifest."""
+    if calib.method not in CALIB_METHODS:
+        raise ValueError(f"unknown calibration method {calib.method!r}: choose {', '.join(CALIB_METHODS)}")
+    cohort = load_split("calib", n=calib.size)
+    signed = calib.target == "tensorrt"
+    reader = _Reader(cohort, calib.batch, progress or (lambda n: None))
+    root = logging.getLogger()
+    level = root.level
+    with atomic_path(path) as tmp:
+        root.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint on the root logger
+        try:
+            quantize_static(
+                str(fp32_path),
+                str(tmp),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["Conv", "ConvTranspose"],
+                per_channel=True,
+                activation_type=QuantType.QInt8 if signed else QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(calib.exclude),
+                calibrate_method=CALIB_METHODS[calib.method],
+                extra_options={"ActivationSymmetric": signed, "WeightSymmetric": True},
+            )
+        finally:
+            root.setLevel(level)
+        check_graph(onnx.load(str(tmp)))
+    return {
+        "method": calib.method,
+        "split": "calib",
+        "nodes": len(cohort),
+        "sha256": cohort.sha256(),
+        "target": calib.target,
+        "activations": "int8 symmetric" if signed else "uint8 asymmetric",
+        "weights": "int8 symmetric per-channel",
+        "excluded": list(calib.exclude),
+        "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",
+    }

@@ -1,0 +1,171 @@
+"""Parity of a deployed artifact against the PyTorch FP32 reference, judged by named tiers.
+
+Element-wise error alone cannot tell harmless FP16 rounding from an INT8 graph that changes
+diagnoses, so every comparison also counts label flips at the model's threshold and compares
+accuracy, AUC and the predicted node masks. Tiers follow MLPerf's rule of keeping >= 99% of
+the reference's quality, tightened to what each precision can reach on this model:
+
+* fp32: logits within 1e-4 (met) / 1e-3 (seg), zero label flips: the export is exact.
+* fp16: probability error <= 5e-3, zero label flips, predicted-mask Dice vs reference >= 0.99.
+* int8: accuracy and AUC >= 99% of the reference, label flips <= 1% of nodes, Dice >= 0.95.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from m2anet.data import Cohort
+from m2anet.engines.base import Backend
+from m2anet.metrics import binary_metrics, dice, roc_auc, sigmoid
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    met_logit_abs: float | None = None
+    seg_logit_abs: float | None = None
+    prob_abs: float | None = None
+    max_flip_fraction: float = 0.0
+    min_relative_accuracy: float | None = None
+    min_relative_auc: float | None = None
+    min_mask_dice: float | None = None
+
+
+TIERS = {
+    "fp32": Tier("fp32", met_logit_abs=1e-4, seg_logit_abs=1e-3),
+    "fp16": Tier("fp16", prob_abs=5e-3, min_mask_dice=0.99),
+    "int8": Tier(
+        "int8", max_flip_fraction=0.01, min_relative_accuracy=0.99, min_relative_auc=0.99, min_mask_dice=0.95
+    ),
+}
+
+
+def run_cohort(
+    backend: Backend, cohort: Cohort, batch: int = 16, desc: str | None = None
+) -> list[np.ndarray]:
+    outs: list[list[np.ndarray]] = []
+    bar = tqdm(total=len(cohort), desc=desc or backend.name, unit="node", file=sys.stderr, leave=False)
+    for i in range(0, len(cohort), batch):
+        outs.append(list(backend.infer(cohort.ct[i : i + batch], cohort.mask[i : i + batch])))
+        bar.update(min(batch, len(cohort) - i))
+    bar.close()
+    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+
+def tensor_agreement(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+    diff = np.abs(ref.astype(np.float64) - cand)
+    a, b = ref.reshape(-1).astype(np.float64), cand.reshape(-1).astype(np.float64)
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "max_rel": float((diff / (np.abs(ref) + 1e-6)).max()),
+        "cosine": cosine,
+    }
+
+
+def expected_calibration_error(label: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
+    """Weighted mean |observed rate - mean probability| over equal-width probability bins."""
+    which = np.minimum((prob * bins).astype(int), bins - 1)
+    return float(
+        sum(
+            abs(label[which == b].mean() - prob[which == b].mean()) * (which == b).mean()
+            for b in range(bins)
+            if (which == b).any()
+        )
+    )
+
+
+def bootstrap_auc_difference(
+    label: np.ndarray, p_ref: np.ndarray, p_cand: np.ndarray, seed: int = 0, rounds: int = 1000
+) -> dict[str, float]:
+    """Paired bootstrap over nodes: 95% interval of AUC(candidate) - AUC(reference)."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(rounds):
+        idx = rng.integers(0, len(label), len(label))
+        if 0 < label[idx].sum() < len(idx):
+            diffs.append(roc_auc(label[idx], p_cand[idx]) - roc_auc(label[idx], p_ref[idx]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"low": float(lo), "high": float(hi), "rounds": rounds, "seed": seed}
+
+
+def compare(
+    reference: list[np.ndarray],
+    candidate: list[np.ndarray],
+    cohort: Cohort,
+    threshold: float,
+    tier: Tier,
+    seed: int = 0,
+) -> dict:
+    """Agreement of two runs over the same cohort, and the tier's verdict with reasons."""
+    p_ref, p_cand = sigmoid(reference[0][:, 0]), sigmoid(candidate[0][:, 0])
+    flips = np.flatnonzero((p_ref >= threshold) != (p_cand >= threshold))
+    label = cohort.label
+
+    def task(prob: np.ndarray) -> dict[str, float]:
+        return {
+            **binary_metrics(label, prob, threshold),
+            "auc": roc_auc(label, prob),
+            "ece": expected_calibration_error(label, prob),
+        }
+
+    ref_metrics, cand_metrics = task(p_ref), task(p_cand)
+    report: dict = {
+        "nodes": len(cohort),
+        "threshold": threshold,
+        "tensors": {
+            name: tensor_agreement(r, c)
+            for name, r, c in zip(("met_logit", "seg_logit"), reference, candidate, strict=False)
+        },
+        "met_logit_max_abs": float(np.abs(reference[0] - candidate[0]).max()),
+        "prob_max_abs": float(np.abs(p_ref - p_cand).max()),
+        "prob_mean_abs": float(np.abs(p_ref - p_cand).mean()),
+        "auc_difference_ci95": bootstrap_auc_difference(label, p_ref, p_cand, seed),
+        "label_flips": len(flips),
+        "flipped": [
+            {"node_id": str(cohort.node_id[i]), "reference": float(p_ref[i]), "candidate": float(p_cand[i])}
+            for i in flips
+        ],
+        "reference": ref_metrics,
+        "candidate": cand_metrics,
+    }
+    if len(reference) > 1 and len(candidate) > 1:
+        report["seg_logit_max_abs"] = float(np.abs(reference[1] - candidate[1]).max())
+        report["mask_dice"] = dice(reference[1] > 0, candidate[1] > 0)
+        ref_metrics["dice_vs_truth"] = dice(reference[1] > 0, cohort.seg > 0.5)
+        cand_metrics["dice_vs_truth"] = dice(candidate[1] > 0, cohort.seg > 0.5)
+    failures = []
+
+    def need(ok: bool, text: str) -> None:
+        if not ok:
+            failures.append(text)
+
+    if tier.met_logit_abs is not None:
+        need(report["met_logit_max_abs"] <= tier.met_logit_abs, f"met_logit error > {tier.met_logit_abs:g}")
+    if tier.seg_logit_abs is not None and "seg_logit_max_abs" in report:
+        need(report["seg_logit_max_abs"] <= tier.seg_logit_abs, f"seg_logit error > {tier.seg_logit_abs:g}")
+    if tier.prob_abs is not None:
+        need(report["prob_max_abs"] <= tier.prob_abs, f"probability error > {tier.prob_abs:g}")
+    need(
+        len(flips) <= tier.max_flip_fraction * len(cohort),
+        f"{len(flips)} label flips > {tier.max_flip_fraction:.0%} of {len(cohort)} nodes",
+    )
+    if tier.min_relative_accuracy is not None:
+        need(
+            cand_metrics["accuracy"] >= tier.min_relative_accuracy * ref_metrics["accuracy"],
+            f"accuracy < {tier.min_relative_accuracy:.0%} of the reference",
+        )
+    if tier.min_relative_auc is not None:
+        need(
+            cand_metrics["auc"] >= tier.min_relative_auc * ref_metrics["auc"],
+            f"AUC < {tier.min_relative_auc:.0%} of the reference",
+        )
+    if tier.min_mask_dice is not None and "mask_dice" in report:
+        need(report["mask_dice"] >= tier.min_mask_dice, f"mask Dice vs reference < {tier.min_mask_dice}")
+    report.update({"tier": tier.name, "passed": not failures, "failures": failures})
+    return report

@@ -1,0 +1,168 @@
+import collections
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from m2anet import create_model
+from m2anet.engines import InputError, open_backend
+from m2anet.export import cli
+from m2anet.export.manifest import ArtifactError, artifact_entry, read_manifest
+from m2anet.export.onnx_export import FP32_TOLERANCE, export_fp32, max_abs_diff
+from m2anet.io import atomic_path, sha256_file
+from m2anet.parity import TIERS, Tier
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """One `m2a-export --precision all` of the small model, shared by the tests below."""
+    out = tmp_path_factory.mktemp("artifacts")
+    args = ["--model", "m2anet_small", "--precision", "all", "--out", str(out), "--quiet"]
+    assert cli.main([*args, "--parity-nodes", "24", "--calib-size", "32"]) == 0
+    return out / "m2anet_small"
+
+
+def _ops(path):
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("name", ["m2anet_small", "m2anet_base"])
+@pytest.mark.parametrize("heads", ["both", "cls"])
+def test_fp32_export_matches_pytorch(tmp_path, name, heads):
+    model = create_model(name, heads=heads)
+    path = export_fp32(model, tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["ct", "mask"]
+    assert [o.name for o in proto.graph.output] == ["met_logit", "seg_logit"][: 2 if heads == "both" else 1]
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1:] == [1, 16, 64, 64]  # only the batch is dynamic
+    assert "BatchNormalization" not in _ops(path)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    for out, err in max_abs_diff(model, path, batches=(1, 7)).items():
+        assert err <= FP32_TOLERANCE[out], (out, err)
+
+
+def test_fp16_graph_is_typed_as_claimed(small):
+    proto = onnx.load(str(small / "model.fp16.onnx"))
+    types = collections.Counter(t.data_type for t in proto.graph.initializer)
+    assert types[onnx.TensorProto.FLOAT16] > 2 * types[onnx.TensorProto.FLOAT]
+    conv_weights = {n.input[1] for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")}
+    init = {t.name: t.data_type for t in proto.graph.initializer}
+    assert all(init[w] == onnx.TensorProto.FLOAT16 for w in conv_weights if w in init)
+    io = [*proto.graph.input, *proto.graph.output]
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in io)
+    # the masked pooling stays in FP32
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    vtype = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    matmul_out = [n.output[0] for n in proto.graph.node if n.op_type == "MatMul"]
+    assert matmul_out and all(vtype[o] == onnx.TensorProto.FLOAT for o in matmul_out)
+
+
+def test_int8_graph_has_symmetric_qdq_for_tensorrt(small):
+    path = small / "model.int8.onnx"
+    ops = _ops(path)
+    assert ops["QuantizeLinear"] >= ops["Conv"] and ops["DequantizeLinear"] > ops["Conv"]
+    proto = onnx.load(str(path))
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    zero_points = [init[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    entry = artifact_entry(path)
+    assert entry["calibration"]["nodes"] == 32 and len(entry["calibration"]["sha256"]) == 64
+
+
+def test_manifest_describes_and_verifies_every_artifact(small):
+    manifest = read_manifest(small)
+    assert set(manifest["artifacts"]) == {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"}
+    for name, entry in manifest["artifacts"].items():
+        assert entry["sha256"] == sha256_file(small / name)
+        assert entry["parity"]["passed"], (name, entry["parity"]["failures"])
+        assert [i["name"] for i in entry["inputs"]] == ["ct", "mask"]
+    assert manifest["model"]["weights_sha256"] == sha256_file(manifest["model"]["weights"])
+    assert manifest["batch_profile"] == {"min": 1, "opt": 32, "max": 128}
+    assert manifest["command"].startswith("m2a-export --model m2anet_small")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_every_artifact_runs_through_open_backend(small, test_split, precision):
+    with open_backend(f"ort:cpu:{small / f'model.{precision}.onnx'}") as backend:
+        met, seg = backend.infer(test_split.ct[:3], test_split.mask[:3])
+    assert backend.precision == precision
+    assert met.shape == (3, 1) and seg.shape == (3, 1, 16, 64, 64) and met.dtype == np.float32
+
+
+def test_rerun_reuses_valid_artifacts(small, capsys):
+    args = ["--model", "m2anet_small", "--precision", "all", "--out", str(small.parent), "--json"]
+    assert cli.main([*args, "--parity-nodes", "24", "--calib-size", "32"]) == 0
+    stages = json.loads(capsys.readouterr().out)["stages"]
+    assert sum("reused" in s["result"] for s in stages) == 3
+
+
+def test_corrupted_artifact_is_refused(small, tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("manifest.json", "model.fp32.onnx"):
+        (folder / name).write_bytes((small / name).read_bytes())
+    data = bytearray((folder / "model.fp32.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "model.fp32.onnx").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="corrupted or was replaced"):
+        open_backend(f"ort:cpu:{folder / 'model.fp32.onnx'}")
+    with pytest.raises(ArtifactError, match="not found"):
+        open_backend(f"ort:cpu:{folder / 'model.int8.onnx'}")
+
+
+def test_interrupted_write_leaves_no_final_file(tmp_path):
+    target = tmp_path / "model.fp32.onnx"
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half an onnx file")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"previous")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+        raise RuntimeError("disk full")
+    assert target.read_bytes() == b"previous"
+
+
+def test_backend_input_errors(small):
+    backend = open_backend(f"ort:cpu:{small / 'model.fp32.onnx'}")
+    ct = np.zeros((2, 1, 16, 64, 64), np.float32)
+    mask = np.zeros_like(ct)
+    mask[:, :, 8, 32, 32] = 1
+    cases = [
+        (ct[:, :, :8], mask, "ct has shape"),
+        (ct.astype(np.float64), mask, "dtype float64"),
+        (np.where(ct == 0, np.nan, ct).astype(np.float32), mask, "NaN"),
+        (ct, mask * 0.5, "not binary"),
+        (ct, np.zeros_like(mask), "mask of patch 0 is empty"),
+        (ct, mask[:1], "one mask per patch"),
+    ]
+    for c, m, message in cases:
+        with pytest.raises(InputError, match=message):
+            backend.infer(c, m)
+
+
+def test_bad_cli_input_exits_nonzero(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--batch", "4,2,1", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    code = cli.main(
+        ["--model", "m2anet_small", "--weights", str(tmp_path / "none.pt"), "--out", str(tmp_path)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("m2a-export: error:") and "not found" in err[-1]
+
+
+def test_int8_that_fails_its_tier_is_not_shipped_silently(small, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "m2anet_small"
+    folder.mkdir()
+    for name in ("manifest.json", "model.fp32.onnx"):  # the FP32 graph is reused, not re-exported
+        (folder / name).write_bytes((small / name).read_bytes())
+    monkeypatch.setitem(TIERS, "int8", Tier("int8", max_flip_fraction=0.0, min_relative_auc=1.5))
+    args = ["--model", "m2anet_small", "--precision", "int8", "--out", str(tmp_path), "--quiet"]
+    args += ["--parity-nodes", "24", "--calib-size", "32", "--calib-method", "entropy"]
+    assert cli.main(args) == 1
+    assert "failed its parity tier" in capsys.readouterr().err
+    assert cli.main([*args, "--allow-parity-fail"]) == 0
+    assert not read_manifest(folder)["artifacts"]["model.int8.onnx"]["parity"]["passed"]
