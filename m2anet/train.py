@@ -7,6 +7,7 @@ Seeded and deterministic on the CPU (same seed, same thread count -> same weight
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import sys
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from m2anet.data import Cohort, load_split
-from m2anet.io import write_json
+from m2anet.io import sha256_file, write_json
 from m2anet.metrics import binary_metrics, dice, roc_auc, sigmoid, youden_threshold
 from m2anet.model import M2ANet, config_dict, create_model, list_models
 from m2anet.weights import save_weights
@@ -73,6 +74,17 @@ def _flip(gen: torch.Generator, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x.flip(dims) if dims else x for x in xs)
 
 
+def _init_record(init: Path | None) -> dict | None:
+    """Where a continued run started: the weights' hash and the record of the run that made them."""
+    if init is None:
+        return None
+    previous = init.with_suffix(".json")
+    return {
+        "weights_sha256": sha256_file(init),
+        "previous_record": json.loads(previous.read_text()) if previous.is_file() else None,
+    }
+
+
 def train(
     name: str,
     epochs: int,
@@ -81,12 +93,14 @@ def train(
     lr: float = 2e-3,
     n_train: int | None = None,
     max_minutes: float | None = None,
+    init: Path | None = None,
 ) -> tuple[M2ANet, dict]:
+    """Train `name`; `init` continues from earlier weights (with their record beside them)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     train_set, val_set = load_split("train", n=n_train), load_split("val")
-    model = create_model(name)
+    model = create_model(name, weights=str(init) if init else None)
     model.train()
     pos = float(train_set.label.mean())
     pos_weight = torch.tensor([(1 - pos) / pos])
@@ -143,6 +157,7 @@ def train(
     record = {
         "model": config_dict(name),
         "seed": seed,
+        "init": _init_record(init),
         "epochs": epochs,
         "epochs_completed": len(history),
         "stopped_early": stopped_early,
@@ -171,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--n-train", type=int, default=None, help="use the first N training nodes")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time")
+    ap.add_argument("--init", type=Path, default=None, help="continue from these weights")
     ap.add_argument(
         "--out",
         type=Path,
@@ -189,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         args.lr,
         args.n_train,
         args.max_minutes,
+        args.init,
     )
     weights = args.out / f"{args.model}.safetensors"
     save_weights(

@@ -14,15 +14,6 @@ from m2anet.io import atomic_path, sha256_file
 from m2anet.parity import TIERS, Tier
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """One `m2a-export --precision all` of the small model, shared by the tests below."""
-    out = tmp_path_factory.mktemp("artifacts")
-    args = ["--model", "m2anet_small", "--precision", "all", "--out", str(out), "--quiet"]
-    assert cli.main([*args, "--parity-nodes", "24", "--calib-size", "32"]) == 0
-    return out / "m2anet_small"
-
-
 def _ops(path):
     return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 

@@ -1,0 +1,315 @@
+"""m2a-bench: statistics, the floor, telemetry, the report, --compare and --select.
+
+The end-to-end run uses tiny durations (two measured queries per step): it checks that every
+scenario runs and reports, not what the numbers are. Tests whose name contains `gpu` need a CUDA
+GPU (and NVML) and skip without one; ci/gpu-check runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from m2anet.bench import cli, floor, scenarios, targets, telemetry
+from m2anet.bench.stats import percentile, summarize
+from m2anet.export.manifest import read_manifest
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+STEP_KEYS = {
+    "scenario": str,
+    "batch": int,
+    "queries": int,
+    "nodes": int,
+    "warmup_queries": int,
+    "warmup_s": float,
+    "wall_s": float,
+    "timer": str,
+    "enqueued_ahead": bool,
+    "queue_depth": int,
+    "latency_source": str,
+    "samples_ns": list,
+    "latency_ms": dict,
+    "ms_per_node": float,
+    "nodes_per_s": float,
+    "floor_ms_per_node": float,
+    "pct_of_floor": float,
+}
+
+
+# --- statistics and floor ---------------------------------------------------------------------
+def test_percentiles_by_nearest_rank():
+    samples = list(range(1, 101))
+    random.Random(0).shuffle(samples)
+    assert summarize(samples) == {"p50": 50, "p90": 90, "p99": 99, "max": 100, "min": 1, "mean": 50.5}
+    assert [percentile([4, 1, 3, 2], p) for p in (25, 50, 90, 99, 100)] == [1, 2, 4, 4, 4]
+    assert summarize([7])["p99"] == 7
+    assert summarize([2_000_000, 4_000_000], scale=1e-6)["mean"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="no samples"):
+        percentile([], 50)
+
+
+def test_floor_is_the_larger_of_compute_and_traffic():
+    # the issue's numbers: 16.3 GFLOP/node at 180 GFLOP/s is about 90 ms/node
+    assert floor.floor_seconds(16.3e9, 1e6, 180e9, 20e9) == pytest.approx(0.0906, abs=1e-4)
+    assert floor.floor_seconds(1e6, 1e9, 1e12, 1e10) == pytest.approx(0.1)  # bandwidth-bound
+    assert floor.percent_of_floor(90.0, 128.0) == pytest.approx(70.3, abs=0.1)
+    io = floor.IO_BYTES_PER_NODE
+    assert io == 4 * (3 * 16 * 64 * 64 + 1)
+    assert floor.node_bytes(1, 1e6, "fp16") == io + 2e6
+    assert floor.node_bytes(4, 1e6, "int8") == io + 0.25e6
+    peaks = floor.Peaks("cpu", {"fp32": 1e11, "fp16": 4e11, "int8": 8e11}, 2e10, 256, 1 << 20)
+    assert peaks.best_flops("fp32") == 1e11
+    assert peaks.best_flops("fp16") == 4e11
+    assert peaks.best_flops("bf16") == 1e11  # no bf16 units measured: the FP32 peak bounds it
+    assert peaks.best_flops("int8") == 8e11
+
+
+def test_peaks_are_measured_on_this_cpu():
+    peaks = floor.measure("cpu", matmul_size=128, copy_bytes=1 << 20, min_time_s=0.01)
+    assert peaks.flops["fp32"] > 1e8 and peaks.bandwidth > 1e8
+    assert set(peaks.flops) | set(peaks.skipped) == set(floor.compute_types("cpu"))
+
+
+# --- telemetry --------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_nvml():
+    telemetry.nvml_unavailable.cache_clear()
+    yield
+    telemetry.nvml_unavailable.cache_clear()
+
+
+def test_nvml_failure_is_one_line_without_traceback(monkeypatch, capsys, fresh_nvml):
+    def broken():
+        raise telemetry.pynvml.NVMLError(telemetry.pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(telemetry.pynvml, "nvmlInit", broken)
+    for _ in range(2):
+        with telemetry.Telemetry("cuda") as tel:
+            pass
+        summary = tel.summary(nodes=10)
+        assert summary["available"] is False and "Not Found" in summary["reason"]
+    assert telemetry.driver_version() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("m2a-bench: NVML unavailable")
+    assert "Traceback" not in err
+
+
+def test_nvml_here_fails_soft_or_works():
+    code = (
+        "from m2anet.bench.telemetry import Telemetry\nwith Telemetry('cuda') as t: pass\nprint(t.summary(1))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "Traceback" not in run.stderr
+    if not torch.cuda.is_available():
+        assert run.stderr.count("NVML unavailable") == 1 and "'available': False" in run.stdout
+
+
+def test_telemetry_summary_flags_throttling_and_energy():
+    cap = telemetry.pynvml.nvmlClocksEventReasonSwPowerCap
+    idle = telemetry.pynvml.nvmlClocksEventReasonGpuIdle
+    samples = [
+        telemetry.Sample(0.0, 100.0, 1 << 30, 1980, 2619, 50, idle),
+        telemetry.Sample(1.0, 300.0, 2 << 30, 1410, 2619, 60, cap),
+        telemetry.Sample(2.0, 100.0, 1 << 30, 1980, 2619, 55, 0),
+    ]
+    s = telemetry.summarize(samples, 2.0, energy_mj=None, nodes=100)
+    assert s["energy_j"] == pytest.approx(400.0) and s["energy_source"] == "power samples"
+    assert s["joules_per_node"] == pytest.approx(4.0)
+    assert s["throttled"] and s["throttle_reasons"] == ["sw_power_cap"]
+    assert s["clock_reasons"] == ["gpu_idle", "sw_power_cap"]
+    assert s["memory_used_mib_peak"] == 2048 and s["temperature_c_max"] == 60
+    assert s["sm_clock_mhz"]["min"] == 1410
+    counted = telemetry.summarize(samples[2:], 2.0, energy_mj=5000.0, nodes=10)
+    assert counted["energy_j"] == 5.0 and counted["energy_source"] == "counter"
+    assert not counted["throttled"]
+
+
+@needs_gpu
+def test_gpu_telemetry_samples_a_busy_gpu(fresh_nvml):
+    if telemetry.nvml_unavailable():
+        pytest.skip("NVML unavailable")
+    a = torch.randn(4096, 4096, device="cuda")
+    with telemetry.Telemetry("cuda", interval_s=0.01) as tel:
+        for _ in range(50):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize()
+    s = tel.summary(nodes=50)
+    assert s["available"] and s["samples"] >= 2
+    assert s["power_w"]["max"] > 0 and s["memory_used_mib_peak"] > 0 and s["energy_j"] > 0
+
+
+# --- scenarios --------------------------------------------------------------------------------
+class FakeRunner:
+    timer = "fake"
+
+    def __init__(self):
+        self.calls = 0
+
+    def run(self, start, n):
+        self.calls += n
+        return [1_000_000] * n, None
+
+
+def test_warm_up_is_excluded_and_counted_and_minimums_hold():
+    settings = scenarios.Settings(duration_s=0.0, min_queries=5, warmup_s=0.0, warmup_queries=3)
+    runner = FakeRunner()
+    assert scenarios.warm_up(runner, settings)[0] == 3
+    step = scenarios.measure(runner, settings, settings.min_queries, ahead=1)
+    assert step["queries"] == 5 and runner.calls == 8 and step["latency_ms"]["p50"] == 1.0
+    timed = scenarios.measure(FakeRunner(), scenarios.Settings(duration_s=0.05), 1, ahead=1)
+    assert timed["wall_s"] >= 0.05 and timed["queries"] == len(timed["samples_ns"])
+    plan = scenarios.plan(scenarios.SCENARIOS, scenarios.Settings(study_nodes=24, batches=(1, 8)))
+    assert plan == [("single", 1), ("study", 24), ("offline", 1), ("offline", 8)]
+
+
+def test_rotating_batches_are_distinct_arrays():
+    inputs = scenarios.Inputs(pool=4)
+    batches = inputs.batches(3, 4)
+    assert len(batches) == 4 and all(ct.shape == (3, 1, 16, 64, 64) for ct, _ in batches)
+    assert len({ct.ctypes.data for ct, _ in batches}) == 4
+
+
+@needs_gpu
+def test_gpu_scenarios_split_copies_from_compute():
+    from m2anet.engines.torch_backend import TorchBackend
+
+    settings = scenarios.Settings(duration_s=0.0, min_queries=2, warmup_s=0.0, study_nodes=3, batches=(4,))
+    with TorchBackend("m2anet_small", device="cuda") as backend:
+        steps = scenarios.run_backend(backend, scenarios.SCENARIOS, settings, scenarios.Inputs(4))
+    single, _, offline = steps
+    assert single["timer"] == "cuda_events" and not single["enqueued_ahead"]
+    assert offline["enqueued_ahead"] and offline["queries"] % settings.offline_depth == 0
+    for s in steps:
+        assert set(s["device_ms"]) == {"h2d", "compute", "d2h"} and s["device_ms"]["compute"]["p50"] > 0
+        assert s["telemetry"] is not None and s["torch_peak_memory_mib"] > 0
+
+
+# --- targets ----------------------------------------------------------------------------------
+def test_backend_options_and_labels():
+    t = targets.parse("torch:cpu@pad_single=false")
+    assert t == targets.Target("torch:cpu", {"pad_single": False}) and t.label == "torch:cpu@pad_single=false"
+    t = targets.parse("torch-compile:cuda@cuda_graphs=true,channels_last=1")
+    assert t.options == {"cuda_graphs": True, "channels_last": 1}
+    t = targets.parse("ort:cpu:/somewhere/m2anet_small/model.fp32.onnx")
+    assert t.label == "ort:cpu:m2anet_small/model.fp32.onnx" and t.artifact.name == "model.fp32.onnx"
+    assert targets.parse("trt:a/m/model.fp16.plan").label == "trt:m/model.fp16.plan"
+    with pytest.raises(ValueError, match="key=value"):
+        targets.parse("torch:cpu@=1")
+
+
+# --- end to end on the CPU --------------------------------------------------------------------
+def _check_schema(report):
+    assert report["schema"] == 1 and report["tool"] == "m2a-bench"
+    env = report["environment"]
+    assert {"date", "cpu", "threads", "libraries", "git", "gpus"} <= set(env)
+    assert env["threads"]["torch"] == 1 and env["threads"]["onnxruntime"] == 1
+    assert report["floors"]["cpu"]["flops"]["fp32"] > 0 and report["floors"]["cpu"]["bandwidth"] > 0
+    assert report["models"]["m2anet_small/both"]["flops_per_node"] > 1e9
+    for b in report["backends"]:
+        assert b["error"] is None, b["error"]
+        assert {"backend", "spec", "options", "device", "device_kind", "precision", "model"} <= set(b)
+        for s in b["steps"]:
+            for key, kind in STEP_KEYS.items():
+                assert isinstance(s[key], kind), (b["backend"], key, s[key])
+            assert len(s["samples_ns"]) == s["queries"] >= 2 and s["warmup_queries"] >= 2
+            assert s["nodes"] == s["queries"] * s["batch"]
+            assert set(s["latency_ms"]) == {"p50", "p90", "p99", "max", "min", "mean"}
+            assert s["timer"] == "perf_counter_ns" and s["device_ms"] is None and s["telemetry"] is None
+            assert s["vs_torch_fp32"] > 0
+
+
+def test_cpu_scenarios_end_to_end_then_select_and_compare(small, tmp_path, capsys):
+    folder = tmp_path / "artifacts" / "m2anet_small"
+    shutil.copytree(small, folder)  # --select writes the manifest: keep the shared fixture as it is
+    out = tmp_path / "report"
+    args = ["--model", "m2anet_small", "--artifacts", str(folder.parent), "--out", str(out)]
+    args += [
+        "--duration",
+        "0",
+        "--warmup",
+        "0",
+        "--min-queries",
+        "2",
+        "--batches",
+        "1,2",
+        "--study-nodes",
+        "3",
+    ]
+    args += ["--threads", "1", "--matmul-size", "256", "--copy-mib", "8", "--select"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "bench.json").read_text())
+    _check_schema(report)
+    labels = [b["backend"] for b in report["backends"]]
+    onnx = [f"ort:cpu:m2anet_small/model.{p}.onnx" for p in ("fp32", "fp16", "int8")]
+    assert labels == ["torch:cpu", "torch:cpu@pad_single=false", *onnx]
+    steps = {(b["backend"], s["scenario"], s["batch"]): s for b in report["backends"] for s in b["steps"]}
+    assert set(steps) == {
+        (lb, sc, n)
+        for lb in labels
+        for sc, n in (("single", 1), ("study", 3), ("offline", 1), ("offline", 2))
+    }
+    assert steps[("torch:cpu", "single", 1)]["vs_torch_fp32"] == 1.0
+
+    md = (out / "bench.md").read_text()
+    assert "| backend | precision | scenario | batch | ms/node | nodes/s |" in md and "% of floor" in md
+    assert all(f"| {lb} |" in md for lb in labels) and md in printed
+    for png in ("latency.png", "throughput.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    selection = read_manifest(folder)["selection"]
+    entries = read_manifest(folder)["artifacts"]
+    assert set(selection) == {"single", "study", "offline"}
+    for choice in selection.values():
+        assert entries[choice["artifact"]]["parity"]["passed"]
+        ranked = [choice, *choice["runners_up"]]
+        assert len(ranked) + len(choice["excluded"]) == 3
+        assert all(not entries[e["artifact"]]["parity"]["passed"] for e in choice["excluded"])
+        values = [c["value"] for c in ranked]
+        assert values == sorted(values, reverse=choice["higher_is_better"])
+
+    assert cli.main(["--compare", str(out / "bench.json"), str(out / "bench.json")]) == 0
+    assert "no regression worse than 10%" in capsys.readouterr().out
+
+
+# --- --compare --------------------------------------------------------------------------------
+def _report(ms, p99=None):
+    step = {"scenario": "single", "batch": 1, "ms_per_node": ms, "nodes_per_s": 1e3 / ms}
+    step["latency_ms"] = {"p50": ms, "p90": ms, "p99": p99 or ms}
+    return {"schema": 1, "tool": "m2a-bench", "backends": [{"backend": "torch:cpu", "steps": [step]}]}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "extra", "code"),
+    [
+        (_report(10.0), _report(10.0), [], 0),
+        (_report(10.0), _report(8.0), [], 0),  # faster is no regression
+        (_report(10.0), _report(12.0), [], 1),
+        (_report(10.0), _report(12.0), ["--threshold", "0.5"], 0),
+        (_report(10.0), _report(10.0, p99=30.0), [], 0),  # a short run's p99 does not gate
+        (_report(10.0), {"tool": "something else"}, [], 2),
+    ],
+)
+def test_compare_exit_codes(tmp_path, capsys, old, new, extra, code):
+    paths = []
+    for name, r in (("old.json", old), ("new.json", new)):
+        (tmp_path / name).write_text(json.dumps(r))
+        paths.append(str(tmp_path / name))
+    assert cli.main(["--compare", *paths, *extra]) == code
+    out = capsys.readouterr()
+    if code == 1:
+        assert "REGRESSION" in out.out and "+20.0%" in out.out
+    if code == 2:
+        assert "not an m2a-bench report" in out.err
+
+
+def test_compare_missing_file_is_bad_input(tmp_path, capsys):
+    assert cli.main(["--compare", str(tmp_path / "nope.json"), str(tmp_path / "nope.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err

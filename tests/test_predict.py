@@ -1,0 +1,362 @@
+import csv
+import json
+import threading
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from m2anet import NodeClassifier, predict
+from m2anet.data import make_study
+from m2anet.export.manifest import ArtifactError, read_manifest, write_manifest
+from m2anet.io import sha256_file
+from m2anet.preprocess import PreparedStudy, StudyError, prepare_study, read_image, short_axis_mm, to_image
+from m2anet.weights import shipped_weights
+
+# Geometry read back from NIfTI passes through float32 (the header's type): 0.8 mm becomes
+# 0.800000012 mm, so a centroid 200 mm from the origin moves by ~5e-6 mm. 1e-3 mm is far below
+# any clinical meaning and far above that round-off.
+CENTROID_MM = 1e-3
+# A voxel volume from float32 spacing carries a relative error of ~1e-7 per axis.
+VOLUME_REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def study():
+    """A 3-node synthetic study: CT (HU) and label map on a 0.8 x 0.8 x 3.0 mm identity grid."""
+    return make_study(seed=5, n_nodes=3)
+
+
+@pytest.fixture(scope="module")
+def classifier(small):
+    with NodeClassifier.from_artifacts(small, "fp32", "ort:cpu") as clf:
+        yield clf
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_demo_runs_end_to_end_and_matches_the_generator(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no artifacts/ here: the demo falls back to the shipped weights
+    assert predict.main(["--demo", "--save-masks"]) == 0
+    out = tmp_path / "m2a-demo"
+    truth = json.loads((out / "demo-study" / "truth.json").read_text())
+    rows = _rows(out / "nodes.csv")
+    report = json.loads((out / "nodes.json").read_text())
+    assert [int(r["label"]) for r in rows] == [t["label"] for t in truth]
+    assert report["classifier"]["sha256"] == sha256_file(shipped_weights("m2anet_small"))
+    assert set(report["timings_s"]) >= {"read_s", "preprocess_s", "infer_s", "total_s"}
+    threshold = report["classifier"]["threshold"]
+    for row, node, t in zip(rows, report["nodes"], truth, strict=True):
+        assert row["status"] == "classified" and row["backend"] == "torch"
+        centroid = [node[f"centroid_{a}_mm"] for a in "xyz"]
+        np.testing.assert_allclose(centroid, t["centroid_mm"], atol=CENTROID_MM)
+        assert node["volume_mm3"] == pytest.approx(t["volume_mm3"], rel=VOLUME_REL)
+        # the generator's short axis is a design parameter: twice the smallest semi-axis of an
+        # ellipsoid whose margin ripples change its widths by up to ~20%, tilted at random so an
+        # axial cut is wider than the 3-D minimum (0.63x..1.66x over 36 nodes of 6 studies)
+        assert 0.6 * t["short_axis_mm"] <= node["short_axis_mm"] <= 1.8 * t["short_axis_mm"]
+        assert 0.0 <= node["probability"] <= 1.0
+        assert node["prediction"] == ("metastatic" if node["probability"] >= threshold else "benign")
+        assert float(row["probability"]) == pytest.approx(node["probability"], rel=1e-5)
+    masks = sitk.ReadImage(str(out / "masks.nii.gz"))
+    ct = sitk.ReadImage(str(out / "demo-study" / "ct.nii.gz"))
+    assert masks.GetSize() == ct.GetSize() and masks.GetOrigin() == ct.GetOrigin()
+    assert set(np.unique(sitk.GetArrayViewFromImage(masks))) <= set(range(len(truth) + 1))
+    assert "probability" in capsys.readouterr().out
+
+
+def _hand_crops(ct, labels, study: PreparedStudy):
+    """Crop the numpy arrays with slicing alone: on a native 0.8 x 0.8 x 3.0 mm identity grid the
+    patches must be the voxels themselves, not resampled values."""
+    shape = np.array([16, 64, 64])  # the patch; also the padding, enough for any crop
+    hu = np.pad(sitk.GetArrayFromImage(ct).astype(np.float32), [(n, n) for n in shape], constant_values=-1024)
+    lab = np.pad(sitk.GetArrayFromImage(labels), [(n, n) for n in shape])
+    crops, masks = [], []
+    for i, origin in zip(study.classified, study.patch_origins, strict=True):
+        start = np.round((np.array(origin) - ct.GetOrigin()) / ct.GetSpacing()).astype(int)[::-1] + shape
+        box = tuple(slice(s, s + n) for s, n in zip(start, shape, strict=True))
+        crops.append(np.clip((hu[box] + 175) / 450, 0, 1))
+        masks.append(lab[box] == study.nodes[i].label)
+    return np.stack(crops)[:, None].astype(np.float32), np.stack(masks)[:, None].astype(np.float32)
+
+
+def test_predict_study_equals_predict_patches_on_the_same_crops(classifier, study):
+    ct, labels, _ = study
+    prepared = prepare_study(ct, labels)
+    hand_ct, hand_mask = _hand_crops(ct, labels, prepared)
+    np.testing.assert_allclose(prepared.ct, hand_ct, atol=1e-6)
+    np.testing.assert_array_equal(prepared.mask, hand_mask)
+    assert all(m.sum() > 0 for m in hand_mask)
+    rows = classifier.predict_study(ct, labels)
+    by_patch = classifier.predict_patches(hand_ct, hand_mask)
+    # the same patches through the same ONNX Runtime session: only float round-off may differ
+    np.testing.assert_allclose([r["probability"] for r in rows], by_patch.probability, atol=1e-6)
+    assert [r["prediction"] == "metastatic" for r in rows] == by_patch.predicted.astype(bool).tolist()
+
+
+def _reoriented(image: sitk.Image, perm: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> sitk.Image:
+    """The same voxels in patient space, stored with permuted and flipped axes (ITK x, y, z order).
+
+    New axis j is old axis perm[j], reversed where flips[j]; the direction matrix and origin are set
+    so that every voxel keeps its physical position.
+    """
+    old = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # (x, y, z)
+    new = old.transpose(perm)
+    new = np.flip(new, [j for j in range(3) if flips[j]])
+    size, spacing = np.array(image.GetSize()), np.array(image.GetSpacing())
+    direction = np.zeros((3, 3))
+    first = np.zeros(3)  # old index of the new image's first voxel
+    for j in range(3):
+        direction[perm[j], j] = -1.0 if flips[j] else 1.0
+        first[perm[j]] = size[perm[j]] - 1 if flips[j] else 0
+    out = sitk.GetImageFromArray(np.ascontiguousarray(new.transpose(2, 1, 0)))
+    out.SetSpacing(spacing[list(perm)].tolist())
+    out.SetDirection(direction.ravel().tolist())
+    out.SetOrigin(image.TransformIndexToPhysicalPoint([int(v) for v in first]))
+    return out
+
+
+def test_study_rotated_in_patient_space_gives_the_same_results(classifier, study):
+    ct, labels, _ = study
+    turned_ct = _reoriented(ct, (2, 0, 1), (True, False, True))
+    turned_labels = _reoriented(labels, (2, 0, 1), (True, False, True))
+    assert turned_ct.GetDirection() != ct.GetDirection() and turned_ct.GetSize() != ct.GetSize()
+    # the same anatomy gives the same lattice, so the patches agree to round-off in ITK's index maths
+    np.testing.assert_allclose(
+        prepare_study(turned_ct, turned_labels).ct, prepare_study(ct, labels).ct, atol=1e-5
+    )
+    before = classifier.predict_study(ct, labels)
+    after = classifier.predict_study(turned_ct, turned_labels)
+    for a, b in zip(before, after, strict=True):
+        assert a["label"] == b["label"]
+        # probabilities of patches equal to 1e-5 (HU scaled by 1/450): the network is smooth at that scale
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+        for key in ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm"):
+            assert a[key] == pytest.approx(b[key], abs=CENTROID_MM)
+        assert a["volume_mm3"] == pytest.approx(b["volume_mm3"], rel=VOLUME_REL)
+        assert a["short_axis_mm"] == pytest.approx(b["short_axis_mm"], abs=1e-6)
+        assert turned_ct.TransformIndexToPhysicalPoint([b[f"voxel_{a}"] for a in "ijk"]) == pytest.approx(
+            ct.TransformIndexToPhysicalPoint([a[f"voxel_{k}"] for k in "ijk"]), abs=CENTROID_MM
+        )
+
+
+def test_numpy_inputs_with_geometry_match_images(classifier, study):
+    ct, labels, _ = study
+    rows = classifier.predict_study(
+        sitk.GetArrayFromImage(ct),
+        sitk.GetArrayFromImage(labels),
+        spacing=ct.GetSpacing(),
+        origin=ct.GetOrigin(),
+    )
+    assert [r["probability"] for r in rows] == pytest.approx(
+        [r["probability"] for r in classifier.predict_study(ct, labels)], abs=1e-7
+    )
+    with pytest.raises(StudyError, match="needs its geometry"):
+        classifier.predict_study(sitk.GetArrayFromImage(ct), labels)
+
+
+def test_concurrent_calls_give_the_sequential_results(classifier, study):
+    ct, labels, _ = study
+    prepared = prepare_study(ct, labels)
+    expected = classifier.predict_patches(prepared.ct, prepared.mask).probability
+    results = [None] * 4
+
+    def work(i):
+        results[i] = classifier.predict_patches(prepared.ct, prepared.mask).probability
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        np.testing.assert_allclose(r, expected, atol=1e-7)
+
+
+def test_short_axis_of_a_rotated_rectangle():
+    yy, xx = np.mgrid[:80, :80] * 0.8
+    angle = np.deg2rad(30)
+    u = (xx - 32) * np.cos(angle) + (yy - 32) * np.sin(angle)
+    v = -(xx - 32) * np.sin(angle) + (yy - 32) * np.cos(angle)
+    plane = (np.abs(u) <= 10) & (np.abs(v) <= 3)  # 20 x 6 mm
+    # pixel corners are counted, so a rasterised edge adds at most one pixel diagonal (1.13 mm)
+    assert 6.0 <= short_axis_mm(plane[None]) <= 6.0 + 0.8 * np.sqrt(2)
+    assert short_axis_mm(np.zeros((2, 4, 4), bool) | (np.arange(4) == 1)[None, None]) == pytest.approx(0.8)
+
+
+# ---------------------------------------------------------------- bad input, through the CLI
+
+
+def _small_study(folder, hu=None, labels=None, **geometry):
+    """A 24 x 96 x 96 CT with two 6 mm cubes as nodes 1 and 2; arrays can be swapped for bad ones."""
+    rng = np.random.default_rng(0)
+    if hu is None:
+        hu = rng.normal(-100, 20, (24, 96, 96)).astype(np.int16)
+        hu[10:13, 30:38, 30:38] = 40
+        hu[10:13, 60:68, 60:68] = 45
+    if labels is None:
+        labels = np.zeros((24, 96, 96), np.uint16)
+        labels[10:13, 30:38, 30:38] = 1
+        labels[10:13, 60:68, 60:68] = 2
+    spacing = geometry.pop("spacing", (0.8, 0.8, 3.0))
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(to_image(hu, (0.8, 0.8, 3.0)), str(folder / "ct.nii.gz"))
+    sitk.WriteImage(to_image(labels, spacing, **geometry), str(folder / "nodes.nii.gz"))
+    return folder / "ct.nii.gz", folder / "nodes.nii.gz"
+
+
+def _run(capsys, small, ct, nodes, out):
+    code = predict.main(
+        [str(ct), str(nodes), "--artifacts", str(small), "--precision", "fp32", "--out", str(out), "--quiet"]
+    )
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def _write_dicom_series(image, folder, series_uid):
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0020|000e": series_uid,
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+        }
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{series_uid.rsplit('.', 1)[1]}-{k:03d}.dcm"))
+        writer.Execute(plane)
+
+
+def _bad_case(case, tmp_path):
+    """Write the bad study for `case`; returns (ct path, nodes path)."""
+    folder = tmp_path / case
+    labels = np.zeros((24, 96, 96), np.uint16)
+    labels[10:13, 30:38, 30:38] = 1
+    if case == "nan_ct":
+        hu = np.full((24, 96, 96), -100.0, np.float32)
+        hu[5, 5, 5] = np.nan
+        return _small_study(folder, hu=hu)
+    if case == "shifted_grid":
+        return _small_study(folder, origin=(4.0, 0.0, 0.0))
+    if case == "outside_grid":
+        return _small_study(folder, labels=labels[:, :48, :48], origin=(0.0, 60.0, 0.0))
+    if case == "empty_labels":
+        return _small_study(folder, labels=np.zeros_like(labels))
+    if case == "fractional_labels":
+        return _small_study(folder, labels=labels.astype(np.float32) * 0.5)
+    if case == "missing_file":
+        ct, _ = _small_study(folder)
+        return ct, folder / "no-such-nodes.nii.gz"
+    if case == "truncated_file":
+        ct, nodes = _small_study(folder)
+        data = ct.read_bytes()
+        ct.write_bytes(data[: len(data) // 2])
+        return ct, nodes
+    if case == "two_dicom_series":
+        _, nodes = _small_study(folder)
+        series = folder / "dicom"
+        series.mkdir()
+        image = to_image(np.zeros((24, 96, 96), np.int16), (0.8, 0.8, 3.0))
+        for uid in ("1.2.826.0.1.3680043.2.1125.100", "1.2.826.0.1.3680043.2.1125.200"):
+            _write_dicom_series(image, series, uid)
+        return series, nodes
+    if case == "only_node_at_edge":
+        edge = np.zeros_like(labels)
+        edge[0:2, 40:46, 40:46] = 1
+        return _small_study(folder, labels=edge)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("nan_ct", "NaN"),
+        ("shifted_grid", "incompatible grid"),
+        ("outside_grid", "incompatible grid"),
+        ("empty_labels", "empty"),
+        ("fractional_labels", "non-integer"),
+        ("missing_file", "not found"),
+        ("truncated_file", "truncated"),
+        ("two_dicom_series", "2 DICOM series"),
+        ("only_node_at_edge", "no node could be classified"),
+    ],
+)
+def test_bad_input_fails_in_one_line_without_a_report(small, tmp_path, capsys, case, message):
+    ct, nodes = _bad_case(case, tmp_path)
+    code, err = _run(capsys, small, ct, nodes, tmp_path / "out")
+    errors = [line for line in err if line.startswith("m2a-predict: error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert not (tmp_path / "out" / "nodes.csv").exists()
+
+
+def test_node_at_the_edge_is_skipped_and_reported_as_such(small, tmp_path, capsys):
+    labels = np.zeros((24, 96, 96), np.uint16)
+    labels[10:13, 30:38, 30:38] = 1
+    labels[21:24, 60:68, 60:68] = 2  # reaches the last slice
+    ct, nodes = _small_study(tmp_path / "study", labels=labels)
+    code, err = _run(capsys, small, ct, nodes, tmp_path / "out")
+    assert code == 0
+    assert any(line.startswith("m2a-predict: warning: node 2 touches the edge") for line in err)
+    rows = _rows(tmp_path / "out" / "nodes.csv")
+    assert [(r["label"], r["status"]) for r in rows] == [("1", "classified"), ("2", "skipped")]
+    assert rows[1]["probability"] == "" and "edge" in rows[1]["note"]
+    assert float(rows[0]["volume_mm3"]) == pytest.approx(3 * 8 * 8 * 0.8 * 0.8 * 3.0, rel=VOLUME_REL)
+
+
+def test_dicom_series_folder_reads_like_nifti(tmp_path):
+    hu = np.random.default_rng(1).normal(0, 100, (6, 20, 24)).astype(np.int16)
+    image = to_image(hu, (0.8, 0.8, 3.0), origin=(10.0, 20.0, 30.0))
+    _write_dicom_series(image, tmp_path, "1.2.826.0.1.3680043.2.1125.300")
+    read = read_image(tmp_path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), hu)
+    assert read.GetSpacing() == pytest.approx((0.8, 0.8, 3.0)) and read.GetOrigin() == pytest.approx(
+        (10, 20, 30)
+    )
+
+
+def test_large_node_is_classified_from_its_central_crop(classifier):
+    hu = np.full((24, 96, 96), -100, np.int16)
+    labels = np.zeros((24, 96, 96), np.uint16)
+    labels[6:18, 10:86, 20:60] = 1  # 61 x 32 x 36 mm: wider than the 51.2 mm patch
+    with pytest.warns(UserWarning, match="larger than the 16 x 64 x 64 patch"):
+        (row,) = classifier.predict_study(to_image(hu, (0.8, 0.8, 3.0)), to_image(labels, (0.8, 0.8, 3.0)))
+    assert row["status"] == "classified" and row["larger_than_patch"] and row["probability"] is not None
+
+
+def test_artifacts_are_checked_before_use(small, tmp_path):
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    manifest = read_manifest(small)
+    for name in ("model.fp32.onnx", "model.int8.onnx"):
+        (folder / name).write_bytes((small / name).read_bytes())
+    manifest["artifacts"]["model.int8.onnx"]["parity"] = {"passed": False, "failures": ["3 label flips"]}
+    write_manifest(folder, manifest)
+    with pytest.raises(ArtifactError, match="did not pass its int8 parity check"):
+        NodeClassifier.from_artifacts(folder, "int8")
+    with NodeClassifier.from_artifacts(folder, "int8", allow_parity_fail=True) as clf:
+        assert clf.info["precision"] == "int8" and clf.info["backend"] == "ort:cpu"
+    with open(folder / "model.fp32.onnx", "r+b") as f:
+        f.seek(200)
+        f.write(b"\0" * 8)
+    with pytest.raises(ArtifactError, match="corrupted or was replaced"):
+        NodeClassifier.from_artifacts(folder, "fp32")
+
+
+def test_best_available_backend_here_is_onnx_runtime(small):
+    with NodeClassifier.from_artifacts(small, "fp16") as clf:
+        info = clf.info
+    assert info["backend"] in ("ort:cpu", "ort:cuda", "trt") and info["precision"] == "fp16"
+    assert (
+        info["sha256"]
+        == read_manifest(small)["artifacts"][f"model.fp16.{'plan' if info['backend'] == 'trt' else 'onnx'}"][
+            "sha256"
+        ]
+    )

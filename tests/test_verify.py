@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from m2anet import verify
+from m2anet.export.manifest import read_manifest, write_manifest
+from m2anet.io import sha256_file
+from m2anet.parity import bootstrap_auc_difference
+
+
+def _run(capsys, *args):
+    code = verify.main([*args, "--n", "48", "--stress-batch", "16"])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_shipped_artifacts_pass_their_tier(small, capsys, tmp_path, precision):
+    code, out = _run(capsys, f"ort:cpu:{small / f'model.{precision}.onnx'}", "--report", str(tmp_path))
+    assert code == 0, out.out
+    assert f"tier {precision}: PASS" in out.out and "nodes changing diagnosis" in out.out
+    report = json.loads((tmp_path / "verify.json").read_text())
+    md = (tmp_path / "verify.md").read_text()
+    assert report["passed"] and report["tier"] == precision
+    assert f"| accuracy | {report['reference']['accuracy']:.4f} | {report['candidate']['accuracy']:.4f}" in md
+    assert (tmp_path / "verify.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {s["case"] for s in report["stress"]} >= {"random masks", "all-background patch"}
+    assert all(s["finite"] for s in report["stress"])
+
+
+def test_damaged_candidate_fails_naming_the_criterion(small, tmp_path, capsys):
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    proto = onnx.load(str(small / "model.fp32.onnx"))
+    gemm_weights = {n.input[1] for n in proto.graph.node if n.op_type == "Gemm"}
+    for t in proto.graph.initializer:
+        if t.name in gemm_weights:
+            w = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(w * 1.5 + 0.05, t.name))
+    onnx.save(proto, str(folder / "model.fp32.onnx"))
+    manifest = read_manifest(small)
+    manifest["artifacts"] = {
+        "model.fp32.onnx": {
+            **manifest["artifacts"]["model.fp32.onnx"],
+            "sha256": sha256_file(folder / "model.fp32.onnx"),
+        }
+    }
+    write_manifest(folder, manifest)
+    code, out = _run(capsys, f"ort:cpu:{folder / 'model.fp32.onnx'}", "--json")
+    report = json.loads(out.out)
+    assert code == 1 and not report["passed"]
+    assert any("met_logit error" in f for f in report["failures"])
+
+
+def test_failing_criteria_are_printed_first(small, capsys):
+    code, out = _run(capsys, f"ort:cpu:{small / 'model.int8.onnx'}", "--tier", "fp32", "--no-stress")
+    assert code == 1
+    assert out.out.splitlines()[0].startswith("FAIL: met_logit error > 0.0001")
+
+
+def test_bootstrap_is_reproducible_with_a_seed():
+    rng = np.random.default_rng(3)
+    label = rng.integers(0, 2, 200)
+    p_ref = np.clip(label * 0.3 + rng.random(200) * 0.7, 0, 1)
+    p_cand = np.clip(p_ref + rng.normal(0, 0.05, 200), 0, 1)
+    a = bootstrap_auc_difference(label, p_ref, p_cand, seed=7, rounds=300)
+    assert a == bootstrap_auc_difference(label, p_ref, p_cand, seed=7, rounds=300)
+    assert a != bootstrap_auc_difference(label, p_ref, p_cand, seed=8, rounds=300)
+    assert a["low"] <= 0 <= a["high"] + 0.05
+
+
+def test_bad_spec_is_a_one_line_error(capsys):
+    assert verify.main(["ort:cpu:/nonexistent/model.int8.onnx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("m2a-verify: error:")
