@@ -1,4 +1,4 @@
-"""PyTorch eager and torch.compile runners of the reference model."""
+"""PyTorch eager, torch.compile and torch-tensorrt runners of the reference model."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import torch
 
-from m2anet.engines.base import Backend
-from m2anet.model import Heads, create_model
+from m2anet.engines.base import INPUT_NAMES, Backend
+from m2anet.model import PATCH_SHAPE, Heads, create_model
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,7 +32,9 @@ class TorchBackend(Backend):
         cuda_graphs: bool = False,
         channels_last: bool = False,
         pad_single: bool = True,
+        tensorrt_batch: tuple[int, int, int] | None = None,
     ) -> None:
+        """`tensorrt_batch=(min, opt, max)` compiles with torch-tensorrt's dynamo path instead."""
         if precision not in ("fp32", *_AUTOCAST):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
         if precision != "fp32" and not device.startswith("cuda"):
@@ -50,6 +52,10 @@ class TorchBackend(Backend):
             mode = "reduce-overhead" if cuda_graphs else None  # CUDA graphs via inductor's cudagraph trees
             self.forward = torch.compile(model, mode=mode, dynamic=False)
         self.name = "torch-compile" if compile else "torch"
+        self.autocast = _AUTOCAST.get(precision)
+        if tensorrt_batch is not None:
+            self.forward = _torch_tensorrt(model, tensorrt_batch, precision)
+            self.name, self.max_batch, self.autocast = "torch-trt", tensorrt_batch[2], None
         self.precision, self.device = precision, str(self.torch_device)
         self.outputs = self.outputs[: 2 if heads == "both" else 1]
         self.channels_last = channels_last
@@ -63,7 +69,7 @@ class TorchBackend(Backend):
             ct, mask = ct.expand(2, -1, -1, -1, -1), mask.expand(2, -1, -1, -1, -1)
         if self.channels_last:
             ct = ct.contiguous(memory_format=torch.channels_last_3d)
-        dtype = _AUTOCAST.get(self.precision)
+        dtype = self.autocast
         with (
             torch.autocast(self.torch_device.type, dtype=dtype, enabled=dtype is not None),
             warnings.catch_warnings(),
@@ -76,3 +82,25 @@ class TorchBackend(Backend):
         dev = self.torch_device
         out = self.infer_torch(torch.from_numpy(ct).to(dev), torch.from_numpy(mask).to(dev))
         return tuple(o.cpu().numpy() for o in out)
+
+
+def _torch_tensorrt(model: torch.nn.Module, batch: tuple[int, int, int], precision: str) -> torch.nn.Module:
+    """Compile with torch-tensorrt (dynamo IR), explicitly typed like every engine of this project:
+    FP32 as exported, or FP16 through torch-tensorrt's autocast (it keeps reductions in FP32)."""
+    import torch_tensorrt
+
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"torch-trt offers fp32 or fp16, got {precision!r}")
+    shape = (1, *PATCH_SHAPE)
+    inputs = [
+        torch_tensorrt.Input(
+            min_shape=(batch[0], *shape),
+            opt_shape=(batch[1], *shape),
+            max_shape=(batch[2], *shape),
+            dtype=torch.float32,
+        )
+        for _ in INPUT_NAMES
+    ]
+    return torch_tensorrt.compile(
+        model, ir="dynamo", inputs=inputs, use_explicit_typing=True, enable_autocast=precision == "fp16"
+    )

@@ -112,8 +112,8 @@ def test_nvml_here_fails_soft_or_works():
 
 
 def test_telemetry_summary_flags_throttling_and_energy():
-    cap = telemetry.pynvml.nvmlClocksEventReasonSwPowerCap
-    idle = telemetry.pynvml.nvmlClocksEventReasonGpuIdle
+    cap = telemetry.pynvml.nvmlClocksThrottleReasonSwPowerCap
+    idle = telemetry.pynvml.nvmlClocksThrottleReasonGpuIdle
     samples = [
         telemetry.Sample(0.0, 100.0, 1 << 30, 1980, 2619, 50, idle),
         telemetry.Sample(1.0, 300.0, 2 << 30, 1410, 2619, 60, cap),

@@ -190,13 +190,11 @@ def test_short_axis_of_a_rotated_rectangle():
 # ---------------------------------------------------------------- bad input, through the CLI
 
 
-def _small_study(folder, hu=None, labels=None, **geometry):
-    """A 24 x 96 x 96 CT with two 6 mm cubes as nodes 1 and 2; arrays can be swapped for bad ones."""
-    rng = np.random.default_rng(0)
-    if hu is None:
-        hu = rng.normal(-100, 20, (24, 96, 96)).astype(np.int16)
-        hu[10:13, 30:38, 30:38] = 40
-        hu[10:13, 60:68, 60:68] = 45
+def _small_study(folder, labels=None, **geometry):
+    """A 24 x 96 x 96 CT with two 6 mm cubes as nodes 1 and 2; the label map can be swapped."""
+    hu = np.random.default_rng(0).normal(-100, 20, (24, 96, 96)).astype(np.int16)
+    hu[10:13, 30:38, 30:38] = 40
+    hu[10:13, 60:68, 60:68] = 45
     if labels is None:
         labels = np.zeros((24, 96, 96), np.uint16)
         labels[10:13, 30:38, 30:38] = 1
@@ -240,10 +238,12 @@ def _bad_case(case, tmp_path):
     folder = tmp_path / case
     labels = np.zeros((24, 96, 96), np.uint16)
     labels[10:13, 30:38, 30:38] = 1
-    if case == "nan_ct":
-        hu = np.full((24, 96, 96), -100.0, np.float32)
+    if case == "nan_ct":  # NRRD: ITK's NIfTI reader turns NaN into 0 before anyone can see it
+        ct, nodes = _small_study(folder)
+        hu = sitk.GetArrayFromImage(sitk.ReadImage(str(ct))).astype(np.float32)
         hu[5, 5, 5] = np.nan
-        return _small_study(folder, hu=hu)
+        sitk.WriteImage(to_image(hu, (0.8, 0.8, 3.0)), str(folder / "ct.nrrd"))
+        return folder / "ct.nrrd", nodes
     if case == "shifted_grid":
         return _small_study(folder, origin=(4.0, 0.0, 0.0))
     if case == "outside_grid":
@@ -350,13 +350,21 @@ def test_artifacts_are_checked_before_use(small, tmp_path):
         NodeClassifier.from_artifacts(folder, "fp32")
 
 
-def test_best_available_backend_here_is_onnx_runtime(small):
+def test_best_available_backend_is_picked_and_reported(small):
     with NodeClassifier.from_artifacts(small, "fp16") as clf:
         info = clf.info
+    # CI has no GPU: ONNX Runtime on the CPU; with TensorRT and a GPU, the plan would win
+    artifact = {"trt": "model.fp16.plan"}.get(info["backend"], "model.fp16.onnx")
     assert info["backend"] in ("ort:cpu", "ort:cuda", "trt") and info["precision"] == "fp16"
-    assert (
-        info["sha256"]
-        == read_manifest(small)["artifacts"][f"model.fp16.{'plan' if info['backend'] == 'trt' else 'onnx'}"][
-            "sha256"
-        ]
-    )
+    assert info["sha256"] == read_manifest(small)["artifacts"][artifact]["sha256"]
+    assert info["artifact"].endswith(artifact)
+
+
+def test_without_an_onnx_of_that_precision_the_weights_run_on_pytorch(small, tmp_path):
+    manifest = read_manifest(small)
+    write_manifest(tmp_path, manifest)  # the manifest alone: it names the weights and their hash
+    with (
+        pytest.warns(UserWarning, match="has no model.fp16.onnx"),
+        NodeClassifier.from_artifacts(tmp_path, "fp16") as clf,
+    ):
+        assert clf.info["backend"] == "torch" and clf.info["sha256"] == manifest["model"]["weights_sha256"]

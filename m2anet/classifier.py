@@ -1,0 +1,369 @@
+"""`NodeClassifier`: the embedding API, from a CT study (or ready-made patches) to per-node results.
+
+Thread safety: a classifier owns one backend and runs one batch at a time on it, under a lock. A
+TensorRT backend has one execution context and one set of I/O buffers, and tritonclient's HTTP
+client is not safe to share mid-call, so the lock is what makes one classifier safe to call from
+several threads. Reading and preprocessing a study, most of a study's CPU time, run outside the
+lock, so threads still overlap there. For concurrent inference on one GPU, open one classifier per
+thread (one execution context each) or serve the model from Triton.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from m2anet.engines import Backend, open_backend
+from m2anet.export.manifest import ArtifactError, artifact_entry, read_manifest
+from m2anet.io import sha256_file
+from m2anet.metrics import sigmoid
+from m2anet.preprocess import Node, Progress, StudyError, paste_masks, prepare_study, to_image
+from m2anet.weights import shipped_weights, training_record
+
+KINDS = ("trt", "ort:cpu", "ort:cuda", "ort:trt", "torch:cpu", "torch:cuda")
+KINDS_HELP = (
+    "trt, ort:cpu, ort:cuda, ort:trt, torch:cpu, torch:cuda, triton:URL "
+    "(or a file: ort:cpu:FILE.onnx, trt:FILE.plan)"
+)
+COLUMNS = (
+    "label",
+    "status",
+    "centroid_x_mm",
+    "centroid_y_mm",
+    "centroid_z_mm",
+    "voxel_i",
+    "voxel_j",
+    "voxel_k",
+    "volume_mm3",
+    "short_axis_mm",
+    "larger_than_patch",
+    "probability",
+    "prediction",
+    "note",
+)
+"""Keys of a per-node result, in report order."""
+
+
+class StudyWarning(UserWarning):
+    """A node was skipped or classified from a partial view; the rest of the study is reported."""
+
+
+@dataclass(frozen=True)
+class PatchPredictions:
+    probability: np.ndarray  # (N,) float64, P(metastatic)
+    predicted: np.ndarray  # (N,) int64, 1 = metastatic (probability >= threshold)
+    seg: np.ndarray | None  # (N, 16, 64, 64) float32 node-mask probability; None without a seg head
+
+
+@dataclass
+class StudyReport:
+    nodes: list[dict[str, Any]]  # one row per label (COLUMNS), skipped nodes included
+    warnings: list[str]
+    timings_s: dict[str, float]
+    masks: sitk.Image | None  # predicted node masks on the CT grid, when asked for
+
+
+def _parse_backend(spec: str | None) -> tuple[str | None, str | None]:
+    """'ort:cpu:FILE' -> ('ort:cpu', 'FILE'); 'trt' -> ('trt', None); 'triton:URL' -> ('triton', 'URL')."""
+    if spec is None:
+        return None, None
+    kind, _, rest = spec.partition(":")
+    if kind == "triton":
+        if not rest:
+            raise ValueError(
+                "backend 'triton' needs a URL: triton:grpc://HOST:8001 or triton:http://HOST:8000"
+            )
+        return kind, rest
+    if kind == "ort":
+        device, _, path = rest.partition(":")
+        kind = f"ort:{device}"
+        rest = path
+    elif kind == "torch":
+        kind, rest = f"torch:{rest}", ""
+    if kind not in KINDS:
+        raise ValueError(f"unknown backend {spec!r}: use one of {KINDS_HELP}")
+    return kind, rest or None
+
+
+def best_kind(folder: Path, manifest: dict[str, Any], precision: str) -> str:
+    """The fastest way to run this folder's `precision` here: TensorRT, ORT GPU, ORT CPU, PyTorch."""
+    import onnxruntime as ort
+
+    from m2anet.export.tensorrt_build import tensorrt_unavailable
+
+    artifacts = manifest.get("artifacts", {})
+    plan, onnx = f"model.{precision}.plan", f"model.{precision}.onnx"
+    if plan in artifacts and (folder / plan).is_file() and tensorrt_unavailable() is None:
+        return "trt"
+    if onnx in artifacts and (folder / onnx).is_file():
+        return "ort:cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "ort:cpu"
+    import torch
+
+    kind = "torch:cuda" if torch.cuda.is_available() else "torch:cpu"
+    warnings.warn(
+        f"{folder} has no {onnx}: running the exported weights on {kind} (export {precision} for speed)",
+        stacklevel=3,
+    )
+    return kind
+
+
+def _verified_weights(model: dict[str, Any]) -> Path:
+    """The weights the manifest names, or the shipped copy, whichever has the recorded hash."""
+    for candidate in (Path(model["weights"]), shipped_weights(model["name"])):
+        if candidate.is_file() and sha256_file(candidate) == model["weights_sha256"]:
+            return candidate
+    raise ArtifactError(
+        f"no weights with the manifest's sha256 {model['weights_sha256'][:12]}... ({model['weights']}): "
+        "copy that file here or re-run m2a-export"
+    )
+
+
+def check_parity(name: str, entry: dict[str, Any], allow_parity_fail: bool) -> None:
+    """Refuse an artifact whose export-time parity check failed or is missing."""
+    parity = entry.get("parity")
+    if allow_parity_fail or (isinstance(parity, dict) and parity.get("passed")):
+        return
+    why = "; ".join(parity.get("failures", [])) if isinstance(parity, dict) else "no parity check recorded"
+    raise ArtifactError(
+        f"{name} did not pass its {entry.get('precision')} parity check at export ({why}): re-export it, "
+        "use another precision, or pass allow_parity_fail=True (--allow-parity-fail)"
+    )
+
+
+def _as_image(
+    volume: sitk.Image | np.ndarray, geometry: dict[str, Any], like: sitk.Image | None
+) -> sitk.Image:
+    if isinstance(volume, sitk.Image):
+        return volume
+    if geometry["spacing"] is None:
+        if like is None:
+            raise StudyError(
+                "a numpy CT needs its geometry: pass spacing (and origin, direction), x-y-z order"
+            )
+        return to_image(volume, like.GetSpacing(), like.GetOrigin(), like.GetDirection())
+    return to_image(volume, **{k: v for k, v in geometry.items() if v is not None})
+
+
+class NodeClassifier:
+    """Per-node metastasis probability for a CT study and its node label map, on any backend."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        threshold: float,
+        *,
+        model: str,
+        artifact: str | None = None,
+        sha256: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.threshold = float(threshold)
+        self.model = model
+        self.artifact = artifact
+        self.sha256 = sha256
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_artifacts(
+        cls,
+        folder: str | Path | None,
+        precision: str = "fp16",
+        backend: str | None = None,
+        *,
+        allow_parity_fail: bool = False,
+        threshold: float | None = None,
+    ) -> NodeClassifier:
+        """Open the best artifact of `precision` in an `m2a-export` folder, or the one `backend` names.
+
+        `backend`: None picks TensorRT plan > ONNX Runtime GPU > ONNX Runtime CPU > PyTorch; else
+        one of KINDS, a file spec (`ort:cpu:FILE.onnx`, `trt:FILE.plan`, whose folder is used), or
+        `triton:URL`. Hashes are checked when the artifact opens, TensorRT plans also against this
+        GPU and TensorRT version, and an artifact that failed its parity tier is refused unless
+        `allow_parity_fail`.
+        """
+        kind, target = _parse_backend(backend)
+        if kind == "triton":
+            return cls._from_triton(str(target), folder, precision, threshold)
+        if target is not None:
+            folder = Path(target).parent
+        if folder is None:
+            raise ValueError("give the artifact folder written by m2a-export (or a backend naming a file)")
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        model = manifest["model"]
+        kind = kind or best_kind(folder, manifest, precision)
+        threshold = float(model["threshold"]) if threshold is None else threshold
+        if kind.startswith("torch"):
+            weights = _verified_weights(model)
+            autocast = "fp16" if kind == "torch:cuda" and precision == "fp16" else "fp32"
+            runner = open_backend(
+                f"{kind}:{autocast}", model_name=model["name"], heads=model["heads"], weights=str(weights)
+            )
+            return cls(
+                runner, threshold, model=model["name"], artifact=str(weights), sha256=model["weights_sha256"]
+            )
+        path = Path(target) if target else folder / f"model.{precision}.{'plan' if kind == 'trt' else 'onnx'}"
+        entry = artifact_entry(path, verify=False)  # the backend verifies the hash as it opens the file
+        check_parity(path.name, entry, allow_parity_fail)
+        runner = open_backend(f"{kind}:{path}")
+        return cls(runner, threshold, model=model["name"], artifact=str(path), sha256=entry["sha256"])
+
+    @classmethod
+    def _from_triton(
+        cls, url: str, folder: str | Path | None, precision: str, threshold: float | None
+    ) -> NodeClassifier:
+        """The server's model config carries what m2a-triton recorded: artifact hash and threshold."""
+        runner = open_backend(f"triton:{url}")
+        params: dict[str, str] = getattr(runner, "parameters", {})
+        sha = params.get("m2anet_sha256")
+        if folder is not None:
+            manifest = read_manifest(folder)
+            known = {e["sha256"]: name for name, e in manifest.get("artifacts", {}).items()}
+            if sha is not None and sha not in known:
+                runner.close()
+                raise ArtifactError(
+                    f"the Triton model at {url} was not made from {folder} (sha256 {sha[:12]}...): "
+                    "rewrite its repository with m2a-triton or point to the right folder"
+                )
+            if threshold is None:
+                threshold = float(manifest["model"]["threshold"])
+        if threshold is None:
+            if "m2anet_threshold" not in params:
+                runner.close()
+                raise ArtifactError(
+                    f"the Triton model at {url} records no threshold: pass the artifact folder or a threshold"
+                )
+            threshold = float(params["m2anet_threshold"])
+        return cls(runner, threshold, model=params.get("m2anet_model", "unknown"), artifact=url, sha256=sha)
+
+    @classmethod
+    def from_weights(
+        cls, model: str = "m2anet_small", device: str = "cpu", threshold: float | None = None
+    ) -> NodeClassifier:
+        """The shipped PyTorch weights, no export needed: the reference, and the demo's fallback."""
+        runner = open_backend(f"torch:{device}", model_name=model)
+        weights = shipped_weights(model)
+        threshold = float(training_record(model)["threshold"]) if threshold is None else threshold
+        return cls(runner, threshold, model=model, artifact=str(weights), sha256=sha256_file(weights))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What produced the results: for reports and audit trails."""
+        return {
+            "model": self.model,
+            "backend": self.backend.name,
+            "device": self.backend.device,
+            "precision": self.backend.precision,
+            "artifact": self.artifact,
+            "sha256": self.sha256,
+            "threshold": self.threshold,
+        }
+
+    def predict_patches(self, ct: np.ndarray, mask: np.ndarray) -> PatchPredictions:
+        """Patches cropped by the caller: float32 (N, 1, 16, 64, 64) each, as `m2anet.preprocess` makes."""
+        with self._lock:
+            outputs = self.backend.infer(ct, mask)
+        probability = sigmoid(outputs[0][:, 0])
+        return PatchPredictions(
+            probability=probability,
+            predicted=(probability >= self.threshold).astype(np.int64),
+            seg=sigmoid(outputs[1][:, 0]).astype(np.float32) if len(outputs) > 1 else None,
+        )
+
+    def classify(
+        self,
+        ct_image: sitk.Image | np.ndarray,
+        node_labels: sitk.Image | np.ndarray,
+        *,
+        spacing: tuple[float, float, float] | None = None,
+        origin: tuple[float, float, float] | None = None,
+        direction: tuple[float, ...] | None = None,
+        masks: bool = False,
+        progress: Progress | None = None,
+    ) -> StudyReport:
+        """`predict_study` with the warnings, timings and (with `masks`) predicted masks kept."""
+        if masks and "seg_logit" not in self.backend.outputs:
+            raise ValueError("this artifact has no segmentation head (heads=cls): it cannot predict masks")
+        t0 = time.perf_counter()
+        geometry = {"spacing": spacing, "origin": origin, "direction": direction}
+        ct = _as_image(ct_image, geometry, None)
+        labels = _as_image(node_labels, geometry, ct)
+        study = prepare_study(ct, labels, progress)
+        t1 = time.perf_counter()
+        pred = self.predict_patches(study.ct, study.mask)
+        t2 = time.perf_counter()
+        if progress is not None:
+            progress("infer", len(study.classified), len(study.classified))
+        mask_image = paste_masks(study, pred.seg) if masks and pred.seg is not None else None
+        t3 = time.perf_counter()
+        by_node = dict(zip(study.classified, pred.probability.tolist(), strict=True))
+        rows = [self._row(node, by_node.get(i)) for i, node in enumerate(study.nodes)]
+        timings = {"preprocess_s": t1 - t0, "infer_s": t2 - t1}
+        if masks:
+            timings["masks_s"] = t3 - t2
+        return StudyReport(nodes=rows, warnings=study.warnings, timings_s=timings, masks=mask_image)
+
+    def predict_study(
+        self,
+        ct_image: sitk.Image | np.ndarray,
+        node_labels: sitk.Image | np.ndarray,
+        *,
+        spacing: tuple[float, float, float] | None = None,
+        origin: tuple[float, float, float] | None = None,
+        direction: tuple[float, ...] | None = None,
+    ) -> list[dict[str, Any]]:
+        """One dict per node label (keys: COLUMNS); skipped nodes have status 'skipped' and a note.
+
+        Images are SimpleITK images, or numpy arrays indexed (z, y, x) with `spacing`, `origin`,
+        `direction` in SimpleITK's (x, y, z) order (a numpy label map alone takes the CT's
+        geometry). Skipped and oversized nodes also raise a `StudyWarning` each.
+        """
+        report = self.classify(ct_image, node_labels, spacing=spacing, origin=origin, direction=direction)
+        for message in report.warnings:
+            warnings.warn(message, StudyWarning, stacklevel=2)
+        return report.nodes
+
+    def _row(self, node: Node, probability: float | None) -> dict[str, Any]:
+        x, y, z = node.centroid_mm
+        i, j, k = node.voxel_index
+        prediction = None
+        if probability is not None:
+            prediction = "metastatic" if probability >= self.threshold else "benign"
+        note = node.skipped or (
+            "central crop of a node larger than the patch" if node.larger_than_patch else ""
+        )
+        return {
+            "label": node.label,
+            "status": "skipped" if probability is None else "classified",
+            "centroid_x_mm": x,
+            "centroid_y_mm": y,
+            "centroid_z_mm": z,
+            "voxel_i": i,
+            "voxel_j": j,
+            "voxel_k": k,
+            "volume_mm3": node.volume_mm3,
+            "short_axis_mm": node.short_axis_mm,
+            "larger_than_patch": node.larger_than_patch,
+            "probability": probability,
+            "prediction": prediction,
+            "note": note,
+        }
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> NodeClassifier:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

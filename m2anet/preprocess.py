@@ -1,0 +1,416 @@
+"""Whole CT study + node label map -> the per-node patches M2ANet was trained on.
+
+Scanner software has a CT series and node contours, not 16x64x64 patches. This module makes the
+patches exactly as `m2anet.data` does for training, in the patient frame:
+
+* Reference lattice: an axis-aligned grid (identity direction) at (z, y, x) = (3.0, 0.8, 0.8) mm
+  whose first voxel centre sits half a voxel inside the corner of the CT's physical bounding box.
+  It depends only on where the CT lies in patient space, so the same anatomy stored with another
+  axis order or flipped axes (another direction matrix) gives the same patches, and a CT already at
+  0.8 x 0.8 x 3.0 mm with identity direction is sampled at its own voxel centres (no smoothing).
+* Each node's patch is that lattice cropped to 16x64x64 around the node's centroid (snapped to the
+  lattice). Only the patches are resampled, not the whole study: the result is the same as
+  resampling the study and cropping, at a fraction of the memory. CT: linear, -1024 HU outside the
+  scan; labels: nearest neighbour, 0 outside. Other nodes in a patch are zeroed in its mask.
+* Measurements use the CT's own grid: centroid (mean voxel position, in mm in patient coordinates,
+  and the nearest voxel index i, j, k), volume (voxel count x voxel volume).
+* Short axis: on axial slices of the lattice (patient z), the node's minimum Feret width (the
+  narrowest caliper across its pixels, pixel corners included), largest over the slices. For the
+  ellipse-like sections of lymph nodes this is RECIST's short axis; unlike "longest extent
+  perpendicular to the longest diameter" it is not thrown off by corners of irregular outlines.
+
+ITK's NIfTI reader replaces NaN voxels by 0 as it reads, so a CT with NaNs is caught in NRRD, MHA
+and numpy input, while a NIfTI one arrives already zero-filled.
+
+Input problems raise `StudyError` (one line); node problems that leave the rest of the study
+reportable mark that node skipped with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+
+from m2anet.data import hu_to_input
+from m2anet.model import PATCH_SHAPE, PATCH_SPACING_MM
+
+AIR_HU = -1024.0
+LATTICE_SPACING = PATCH_SPACING_MM[::-1]
+"""(x, y, z) mm: ITK order of the patch spacing."""
+PATCH_SIZE = PATCH_SHAPE[::-1]
+"""(x, y, z) voxels: ITK order of the patch shape."""
+
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): called as nodes are prepared."""
+
+
+class StudyError(ValueError):
+    """A study that cannot be reported; the message names the problem in one line."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One labelled node: measurements on the CT grid, and why it was skipped (if it was)."""
+
+    label: int
+    centroid_mm: tuple[float, float, float]  # patient coordinates (x, y, z), as ITK/DICOM (LPS)
+    voxel_index: tuple[int, int, int]  # (i, j, k) of the CT voxel nearest the centroid
+    volume_mm3: float
+    short_axis_mm: float
+    larger_than_patch: bool
+    skipped: str | None = None
+
+
+@dataclass
+class PreparedStudy:
+    """Model inputs for the classifiable nodes, plus what is needed to map results back."""
+
+    ct: np.ndarray  # float32 (N, 1, 16, 64, 64), model input in [0, 1]
+    mask: np.ndarray  # float32 (N, 1, 16, 64, 64), {0, 1}
+    nodes: list[Node]  # every label in the map, classified or skipped, in label order
+    classified: list[int]  # indices into `nodes` of the patches, in patch order
+    patch_origins: list[tuple[float, float, float]]  # physical (x, y, z) of each patch's first voxel
+    reference: sitk.Image  # the CT: its grid is the one masks are pasted back onto
+    warnings: list[str]
+
+
+def _itk_reason(error: RuntimeError) -> str:
+    """The line of an ITK exception that says why, without source paths and object addresses."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if not line or line.startswith("Exception thrown in SimpleITK") or line.endswith(":"):
+            continue
+        return re.sub(r"^(ITK ERROR|sitk::ERROR): (\w+\(0x[0-9a-f]+\): )?", "", line)[:160]
+    return type(error).__name__
+
+
+def _check_complete(path: Path, reader: sitk.ImageFileReader, role: str) -> None:
+    """ITK's NIfTI reader zero-fills a truncated file without a word; NRRD, MHA and DICOM readers fail."""
+    if not path.name.endswith((".nii", ".nii.gz")) or "vox_offset" not in reader.GetMetaDataKeys():
+        return
+    voxels = int(np.prod(reader.GetSize())) * reader.GetNumberOfComponents()
+    expected = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
+    if path.name.endswith(".gz"):
+        try:
+            with gzip.open(path) as f:
+                actual = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 22), b""))
+        except (EOFError, OSError, zlib.error):
+            actual = -1
+    else:
+        actual = path.stat().st_size
+    if actual < expected:
+        raise StudyError(f"{role} {path} is truncated or corrupt (its data ends early): copy it again")
+
+
+def read_image(path: str | Path, role: str = "CT") -> sitk.Image:
+    """NIfTI, NRRD, MHA/MHD or a folder holding one DICOM series (read by SimpleITK/GDCM)."""
+    p = Path(path)
+    if not p.exists():
+        raise StudyError(f"{role} {p} not found")
+    try:
+        if p.is_dir():
+            series = sitk.ImageSeriesReader()
+            ids = series.GetGDCMSeriesIDs(str(p))
+            if not ids:
+                raise StudyError(f"{role} folder {p} holds no DICOM series: pass a series folder or a file")
+            if len(ids) > 1:
+                raise StudyError(
+                    f"{role} folder {p} holds {len(ids)} DICOM series ({', '.join(ids[:3])}"
+                    f"{', ...' if len(ids) > 3 else ''}): put the series to analyse in a folder of its own"
+                )
+            series.SetFileNames(series.GetGDCMSeriesFileNames(str(p), ids[0]))
+            return series.Execute()
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        reader.ReadImageInformation()
+        _check_complete(p, reader, role)
+        return reader.Execute()
+    except RuntimeError as e:
+        raise StudyError(
+            f"{role} {p} cannot be read ({_itk_reason(e)}): is it truncated, or not NIfTI/NRRD/MHA/DICOM?"
+        ) from None
+
+
+def to_image(
+    array: np.ndarray,
+    spacing: Sequence[float],
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
+    direction: Sequence[float] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+) -> sitk.Image:
+    """A numpy volume as an image, with geometry in SimpleITK's conventions.
+
+    `array` is indexed (z, y, x), as `sitk.GetArrayFromImage` returns it; `spacing`, `origin`
+    (mm) and `direction` (row-major 3x3) are in (x, y, z) order, as `GetSpacing()`,
+    `GetOrigin()` and `GetDirection()` return them.
+    """
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise StudyError(f"volume has shape {array.shape}: pass a 3-D array indexed (z, y, x)")
+    image = sitk.GetImageFromArray(array)
+    try:
+        image.SetSpacing([float(s) for s in spacing])
+        image.SetOrigin([float(o) for o in origin])
+        image.SetDirection([float(d) for d in direction])
+    except (RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[-1][:120] if str(e).strip() else type(e).__name__
+        raise StudyError(
+            f"bad geometry ({first}): spacing and origin need 3 values, direction 9 (row-major)"
+        ) from None
+    return image
+
+
+def _check_ct(ct: sitk.Image) -> None:
+    if ct.GetDimension() != 3 or ct.GetNumberOfComponentsPerPixel() != 1:
+        raise StudyError(
+            f"CT is a {ct.GetDimension()}-D image with {ct.GetNumberOfComponentsPerPixel()} component(s) "
+            "per voxel: pass one 3-D scalar volume (a whole series, not one slice)"
+        )
+    array = sitk.GetArrayViewFromImage(ct)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise StudyError(f"CT has {bad} NaN or infinite voxels: fix its reconstruction or conversion")
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    tol = 1e-3 * min(a.GetSpacing())
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4)
+    )
+
+
+def _box_corners(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Physical (x, y, z) of the 8 corners of the continuous-index box [lo, hi] (x, y, z)."""
+    return np.array(
+        [
+            image.TransformContinuousIndexToPhysicalPoint(np.where(bits, hi, lo).astype(float).tolist())
+            for bits in np.ndindex(2, 2, 2)
+        ]
+    )
+
+
+def _corners(image: sitk.Image) -> np.ndarray:
+    """Physical corners of the whole image, voxel boxes included."""
+    return _box_corners(image, np.full(3, -0.5), np.array(image.GetSize()) - 0.5)
+
+
+def _labels_on_ct_grid(labels: sitk.Image, ct: sitk.Image) -> np.ndarray:
+    """The label map as integers (z, y, x) on the CT's grid, or StudyError naming the mismatch."""
+    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise StudyError(
+            f"node label map is a {labels.GetDimension()}-D image with "
+            f"{labels.GetNumberOfComponentsPerPixel()} component(s): pass one 3-D integer label volume"
+        )
+    values = sitk.GetArrayViewFromImage(labels)
+    if np.issubdtype(values.dtype, np.floating):
+        fractional = ~np.isfinite(values) | (values != np.round(values))
+        if fractional.any():
+            example = values[fractional].flat[0]
+            raise StudyError(
+                f"node label map has non-integer values (e.g. {example:g}): it must hold one integer "
+                "label per node and 0 for background (a probability map is not a label map)"
+            )
+    if values.min() < 0:
+        raise StudyError(f"node label map has negative labels (min {values.min():g}): use 0 and 1, 2, ...")
+    if values.max() > np.iinfo(np.uint32).max:
+        raise StudyError(f"node label map has labels above 2^32 (max {values.max():g})")
+    labels = sitk.Cast(labels, sitk.sitkUInt32)
+    if not _same_grid(labels, ct):
+        if labels.GetSize() == ct.GetSize():
+            raise StudyError(
+                "node label map on an incompatible grid: it has the CT's size but another spacing, "
+                "origin or direction (was its header lost in a conversion?)"
+            )
+        corners = np.array([ct.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in _corners(labels)])
+        size = np.array(ct.GetSize())
+        if (corners < -1.0).any() or (corners > size).any():  # half a CT voxel of slack beyond its edge
+            raise StudyError(
+                "node label map on an incompatible grid: it reaches outside the CT volume, so it was "
+                "not drawn on this CT"
+            )
+        labels = sitk.Resample(labels, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt32)
+    return sitk.GetArrayFromImage(labels)
+
+
+def _lattice_origin(ct: sitk.Image) -> np.ndarray:
+    return _corners(ct).min(axis=0) + np.array(LATTICE_SPACING) / 2
+
+
+def _resample(
+    image: sitk.Image, origin: np.ndarray, size: Sequence[int], linear: bool, default: float
+) -> np.ndarray:
+    """`image` sampled on an axis-aligned block of the lattice; array (z, y, x)."""
+    out = sitk.Resample(
+        image,
+        [int(s) for s in size],
+        sitk.Transform(),
+        sitk.sitkLinear if linear else sitk.sitkNearestNeighbor,
+        origin.tolist(),
+        LATTICE_SPACING,
+        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        default,
+        sitk.sitkFloat32 if linear else sitk.sitkUInt32,
+    )
+    return sitk.GetArrayFromImage(out)
+
+
+def short_axis_mm(node: np.ndarray, spacing_yx: tuple[float, float] = PATCH_SPACING_MM[1:]) -> float:
+    """Short axis of a binary node (z, y, x) on an axial grid: largest min Feret width over slices."""
+    sy, sx = spacing_yx
+    offsets = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    best = 0.0
+    for plane in node:
+        pixels = np.argwhere(plane)
+        if len(pixels) == 0:
+            continue
+        points = np.unique((pixels[:, None, :] + offsets[None]).reshape(-1, 2), axis=0) * (sy, sx)
+        hull = points[ConvexHull(points).vertices]
+        edges = np.roll(hull, -1, axis=0) - hull
+        normals = np.stack([-edges[:, 1], edges[:, 0]], axis=1) / np.linalg.norm(edges, axis=1, keepdims=True)
+        # the narrowest caliper of a convex polygon lies flush with one of its edges
+        extent = hull @ normals.T
+        best = max(best, float((extent.max(axis=0) - extent.min(axis=0)).min()))
+    return best
+
+
+def _measure(
+    ct: sitk.Image, labels: np.ndarray, label: int, box: tuple[slice, ...]
+) -> tuple[tuple[float, float, float], tuple[int, int, int], float]:
+    """Centroid (mm, patient coordinates), nearest voxel index (i, j, k), volume (mm3)."""
+    zyx = np.argwhere(labels[box] == label) + [s.start for s in box]
+    index = zyx.mean(axis=0)[::-1]  # (i, j, k) continuous
+    x, y, z = ct.TransformContinuousIndexToPhysicalPoint(index.tolist())
+    i, j, k = (int(v) for v in np.round(index))
+    return (x, y, z), (i, j, k), len(zyx) * float(np.prod(ct.GetSpacing()))
+
+
+def _node_extent_on_lattice(
+    ct: sitk.Image, box: tuple[slice, ...], lattice: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lattice index range (x, y, z), one voxel of margin, covering the node's CT-grid bounding box."""
+    lo = np.array([s.start for s in box][::-1]) - 0.5
+    hi = np.array([s.stop for s in box][::-1]) - 0.5
+    idx = (_box_corners(ct, lo, hi) - lattice) / LATTICE_SPACING
+    return np.floor(idx.min(axis=0)).astype(int) - 1, np.ceil(idx.max(axis=0)).astype(int) + 2
+
+
+def _cut_patch(
+    ct: sitk.Image, labels: sitk.Image, lattice: np.ndarray, centroid: np.ndarray, label: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patch origin (x, y, z), HU and node mask (z, y, x) of the lattice block centred on `centroid`."""
+    centre = (centroid - lattice) / LATTICE_SPACING
+    start = np.round(centre - (np.array(PATCH_SIZE) - 1) / 2).astype(int)
+    origin = lattice + start * LATTICE_SPACING
+    hu = _resample(ct, origin, PATCH_SIZE, True, AIR_HU)
+    mask = _resample(labels, origin, PATCH_SIZE, False, 0) == label
+    if not mask.any():  # smaller than a lattice voxel: keep its centre voxel, as training does
+        voxel = np.clip(np.round(centre - start).astype(int), 0, np.array(PATCH_SIZE) - 1)
+        mask[tuple(voxel[::-1])] = True
+    return origin, hu, mask
+
+
+def prepare_study(ct: sitk.Image, labels: sitk.Image, progress: Progress | None = None) -> PreparedStudy:
+    """Check the study, measure every node and cut the patches of the classifiable ones."""
+    _check_ct(ct)
+    label_array = _labels_on_ct_grid(labels, ct)
+    boxes = ndimage.find_objects(label_array)
+    present = [k + 1 for k, box in enumerate(boxes) if box is not None]
+    if not present:
+        raise StudyError("node label map is empty (every voxel is 0): draw the nodes to classify")
+    ct_float = sitk.Cast(ct, sitk.sitkFloat32)
+    label_image = sitk.GetImageFromArray(label_array)
+    label_image.CopyInformation(ct)
+    lattice = _lattice_origin(ct)
+    size_zyx = np.array(label_array.shape)
+    nodes: list[Node] = []
+    warnings: list[str] = []
+    ct_patches, mask_patches, classified, origins = [], [], [], []
+    for done, label in enumerate(present):
+        box = boxes[label - 1]
+        assert box is not None  # `present` holds only labels that have a box
+        centroid, voxel, volume = _measure(ct, label_array, label, box)
+        lo, hi = _node_extent_on_lattice(ct, box, lattice)
+        whole = _resample(label_image, lattice + lo * LATTICE_SPACING, hi - lo, False, 0) == label
+        node_kwargs = {
+            "label": label,
+            "centroid_mm": centroid,
+            "voxel_index": voxel,
+            "volume_mm3": volume,
+            "short_axis_mm": short_axis_mm(whole),
+        }
+        touches = [s.start == 0 or s.stop == n for s, n in zip(box, size_zyx, strict=True)]
+        if any(touches):
+            reason = (
+                f"node {label} touches the edge of the CT volume ({'zyx'[touches.index(True)]} axis): "
+                "it may be cut off, so it is not classified"
+            )
+            warnings.append(reason)
+            nodes.append(Node(**node_kwargs, larger_than_patch=False, skipped=reason))
+        else:
+            origin, hu, mask = _cut_patch(ct_float, label_image, lattice, np.array(centroid), label)
+            larger = int(mask.sum()) < int(whole.sum())
+            if larger:
+                warnings.append(
+                    f"node {label} is larger than the {' x '.join(map(str, PATCH_SHAPE))} patch "
+                    f"({volume:.0f} mm3): its central crop is classified"
+                )
+            nodes.append(Node(**node_kwargs, larger_than_patch=larger))
+            ct_patches.append(hu_to_input(hu))
+            mask_patches.append(mask.astype(np.float32))
+            classified.append(len(nodes) - 1)
+            origins.append(tuple(float(v) for v in origin))
+        if progress is not None:
+            progress("preprocess", done + 1, len(present))
+    if not classified:
+        raise StudyError(f"no node could be classified ({len(nodes)} skipped); first: {nodes[0].skipped}")
+    return PreparedStudy(
+        ct=np.stack(ct_patches)[:, None],
+        mask=np.stack(mask_patches)[:, None],
+        nodes=nodes,
+        classified=classified,
+        patch_origins=origins,
+        reference=ct,
+        warnings=warnings,
+    )
+
+
+def paste_masks(study: PreparedStudy, seg_probability: np.ndarray) -> sitk.Image:
+    """Predicted node masks (N, 16, 64, 64) back on the CT grid as a label map (the nodes' labels).
+
+    Probabilities are resampled linearly and thresholded at 0.5, so a mask upsampled from 3 mm
+    slices stays smooth. Where two nodes' predictions overlap, the lower label keeps the voxel.
+    """
+    ref = study.reference
+    size = np.array(ref.GetSize())
+    out = np.zeros(ref.GetSize()[::-1], np.uint32)
+    for patch, node_index, origin in zip(seg_probability, study.classified, study.patch_origins, strict=True):
+        image = sitk.GetImageFromArray(patch.astype(np.float32))
+        image.SetOrigin(origin)
+        image.SetSpacing(LATTICE_SPACING)
+        corners = np.array([ref.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in _corners(image)])
+        lo = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, size)
+        hi = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, size)
+        if (hi <= lo).any():
+            continue
+        block = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
+        block.SetSpacing(ref.GetSpacing())
+        block.SetDirection(ref.GetDirection())
+        block.SetOrigin(ref.TransformIndexToPhysicalPoint([int(v) for v in lo]))
+        prob = sitk.GetArrayFromImage(sitk.Resample(image, block, sitk.Transform(), sitk.sitkLinear, 0.0))
+        region = out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
+        region[(prob > 0.5) & (region == 0)] = study.nodes[node_index].label
+    result = sitk.GetImageFromArray(out)
+    result.CopyInformation(ref)
+    return result
