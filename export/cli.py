@@ -198,6 +198,7 @@ class Exporter:
             opt_level=a.opt_level,
             version_compatible=a.version_compatible,
             hardware_compatible=a.hardware_compatible,
+            progress=not (a.quiet or a.json),
         )
         self.record(
             name,
@@ -257,7 +258,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="m2anet_base", choices=list_models())
     ap.add_argument("--weights", help="a .safetensors or .pt state dict (default: the shipped weights)")
     ap.add_argument("--heads", default="both", choices=["both", "cls"])
-    ap.add_argument("--precision", default="fp16", choices=[*PRECISIONS, "all"])
+    ap.add_argument(
+        "--precision",
+        default="fp16",
+        choices=[*PRECISIONS, "all", "best"],
+        help="best: export all, then m2a-bench --select records the fastest that passes parity",
+    )
     ap.add_argument("--out", type=Path, default=Path("artifacts"))
     ap.add_argument("--batch", type=_batch, default=(1, 32, 128), help="TensorRT profile MIN,OPT,MAX")
     ap.add_argument("--force", action="store_true", help="rebuild even what the manifest says is valid")
@@ -289,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     if args.calib_size < args.batch[0] or args.parity_nodes < 1:
         parser().error("--calib-size and --parity-nodes must be positive")
-    precisions = PRECISIONS if args.precision == "all" else ("fp32", args.precision)
+    if args.precision == "best" and args.heads != "both":
+        parser().error("--precision best benchmarks the two-head artifacts: drop --heads cls")
+    precisions = PRECISIONS if args.precision in ("all", "best") else ("fp32", args.precision)
     try:
         exporter = Exporter(args)
         failed = []
@@ -319,6 +327,22 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.precision == "best":
+        from m2anet.bench.cli import main as bench
+
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        return bench(
+            [
+                "--model",
+                args.model,
+                "--artifacts",
+                str(args.out),
+                "--select",
+                "--scenario",
+                "single",
+                *threads,
+            ]
+        )
     return 0
 
 

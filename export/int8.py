@@ -39,6 +39,13 @@ CALIB_METHODS = {
     "percentile": CalibrationMethod.Percentile,
 }
 Target = Literal["tensorrt", "cpu"]
+TARGET_OPTIONS: dict[str, dict] = {
+    # TensorRT dequantizes INT8/FP8/INT4 but not INT32, and fuses a float bias itself; a Q/DQ pair
+    # shared by two consumers cannot be fused into both, so each consumer gets its own pair.
+    "tensorrt": {"QuantizeBias": False, "DedicatedQDQPair": True},
+    # ONNX Runtime's CPU fusion into QLinearConv wants the INT32 bias.
+    "cpu": {},
+}
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,11 @@ def quantize_int8(fp32_path: str | Path, path: str | Path, calib: Calibration, p
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=list(calib.exclude),
                 calibrate_method=CALIB_METHODS[calib.method],
-                extra_options={"ActivationSymmetric": signed, "WeightSymmetric": True},
+                extra_options={
+                    "ActivationSymmetric": signed,
+                    "WeightSymmetric": True,
+                    **TARGET_OPTIONS[calib.target],
+                },
             )
         finally:
             root.setLevel(level)
@@ -101,6 +112,7 @@ def quantize_int8(fp32_path: str | Path, path: str | Path, calib: Calibration, p
         "sha256": cohort.sha256(),
         "target": calib.target,
         "activations": "int8 symmetric" if signed else "uint8 asymmetric",
+        "bias": "float" if signed else "int32",
         "weights": "int8 symmetric per-channel",
         "excluded": list(calib.exclude),
         "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",

@@ -9,8 +9,15 @@ ONNX and TensorRT with static shapes except the batch: no Resize, adaptive pooli
 TopK, GridSample, If/Loop or data-dependent shapes.
 
 The forward pass follows the figure: encoder S1..S5 on the CT -> soft mask expansion of the
-given node contour -> ring x attention pooling at S3, S4, S5 plus a global token -> gated
-token fusion -> metastasis logit; a U-Net decoder from S5 predicts the node mask.
+given node contour -> ring x attention pooling at S3, S4, S5 plus a global token and a
+geometry token -> gated token fusion -> metastasis logit; a U-Net decoder from S5 predicts
+the node mask.
+
+The geometry token (our addition) carries the masses of the three rings, i.e. the contoured
+volume and how much the dilations add to it (size and compactness). Pooled tokens are
+normalised means and so blind to size, the strongest clinical sign; without this token the
+network must infer size from receptive fields alone and, on CPU training budgets, trails the
+short-axis rule.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ PATCH_SPACING_MM = (3.0, 0.8, 0.8)
 """(z, y, x) voxel spacing of the patch in mm."""
 HU_WINDOW = (-175.0, 275.0)
 """HU are clipped to this window and scaled to [0, 1] before the model."""
+RING_VOXEL_CM3 = 3.0 * 3.2 * 3.2 / 1000.0
+"""Volume of one S3 voxel: ring masses become the contoured volume (core) and its surroundings."""
 
 Heads = Literal["both", "cls"]
 
@@ -181,7 +190,8 @@ class M2ANet(nn.Module):
         self.pool4 = MaskAttentionPool(w[3], td, config.eps)
         self.pool5 = MaskAttentionPool(w[4], td, config.eps)
         self.global_proj = nn.Linear(w[4], td)
-        self.token_embed = nn.Parameter(torch.zeros(1, 10, td))  # which scale/ring a token is
+        self.geometry_proj = nn.Linear(3, td)
+        self.token_embed = nn.Parameter(torch.zeros(1, 11, td))  # which scale/ring a token is
         self.fusion = GatedAttentionFusion(td, config.attn_dim)
         self.head = nn.Sequential(
             nn.Linear(td, config.head_hidden),
@@ -213,6 +223,7 @@ class M2ANet(nn.Module):
                 self.pool4(f4, rings4),
                 self.pool5(f5, rings5),
                 self.global_proj(f5.mean((2, 3, 4))).unsqueeze(1),
+                self.geometry_proj(rings3.sum((2, 3, 4)) * RING_VOXEL_CM3).unsqueeze(1),
             ],
             dim=1,
         )

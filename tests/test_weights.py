@@ -64,6 +64,6 @@ def test_shipped_weights_reproduce_their_record_and_beat_the_size_rule(name, tes
     result = evaluate(create_model(name, pretrained=True), test_split, record["threshold"])
     assert abs(result["accuracy"] - record["test"]["accuracy"]) <= 0.005
     assert abs(result["auc"] - record["test"]["auc"]) <= 0.005
-    rule = record["test_size_rule"]
+    rule = record["test_size_rule"]["contour"]
     assert result["accuracy"] > rule["accuracy"] and result["auc"] > rule["auc"]
     assert np.isfinite(result["dice"]) and result["dice"] > 0.5
