@@ -3,7 +3,7 @@
 Like Polygraphy's `debug precision`, but ranked instead of bisected: ONNX Runtime's QDQ debug
 tools measure, per quantized activation, the signal-to-quantization-noise ratio between the
 INT8 and the FP32 graph on calibration nodes; the consuming convolutions are then excluded
-worst-first (1, 2, 4, ... layers), re-quantizing with the recorded calibration each time,
+worst-first (1, 2, 4, ... layers, then all), re-quantizing with the recorded calibration each time,
 until the tier passes.
 """
 
@@ -60,10 +60,10 @@ def diagnose_int8(args: argparse.Namespace, report: dict) -> dict:
     cohort = load_split(args.split, n=args.n)
     reference = report["_reference_outputs"]
     trials = []
-    k = 1
+    sizes = sorted({*(2**i for i in range(len(ranked).bit_length())), len(ranked)} - {0})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        while k <= len(ranked):
+        for k in sizes:
             exclude = tuple(name for name, _ in ranked[:k]) + tuple(calib["excluded"])
             candidate = folder / "model.int8.onnx"
             quantize_int8(
@@ -95,7 +95,6 @@ def diagnose_int8(args: argparse.Namespace, report: dict) -> dict:
                     "advice": f"the int8 tier passes with {k} layer(s) in FP32: m2a-export --precision int8 "
                     f"{line}",
                 }
-            k *= 2
     return {
         "ranked": ranked,
         "trials": trials,
