@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from m2anet.engines import Backend, open_backend
+from m2anet.engines.spec import artifact_path
 from m2anet.export.manifest import read_manifest
 
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
@@ -35,15 +36,6 @@ def _value(text: str) -> Any:
         return text
 
 
-def _split(spec: str) -> tuple[str, str | None]:
-    """(spec prefix, artifact path) of an ort: or trt: spec; (spec, None) for torch."""
-    kind, _, rest = spec.partition(":")
-    if kind == "ort":
-        device, _, path = rest.partition(":")
-        return f"ort:{device}:", path
-    return ("trt:", rest) if kind == "trt" else (spec, None)
-
-
 @dataclass(frozen=True)
 class Target:
     spec: str
@@ -51,13 +43,14 @@ class Target:
 
     @property
     def artifact(self) -> Path | None:
-        path = _split(self.spec)[1]
+        path = artifact_path(self.spec)
         return Path(path) if path else None
 
     @property
     def label(self) -> str:
         """Independent of where the artifacts live, so reports from two machines compare."""
-        prefix, path = _split(self.spec)
+        path = artifact_path(self.spec)
+        prefix = self.spec[: len(self.spec) - len(path)] if path else self.spec
         base = prefix + f"{Path(path).parent.name}/{Path(path).name}" if path else prefix
         opts = ",".join(f"{k}={str(v).lower()}" for k, v in self.options.items())
         return f"{base}@{opts}" if opts else base

@@ -18,6 +18,14 @@ SPEC_HELP = (
 )
 
 
+def artifact_path(spec: str) -> str | None:
+    """The artifact file an ort: or trt: spec names; None for specs that name none."""
+    kind, _, rest = spec.partition(":")
+    if kind == "ort":
+        return rest.partition(":")[2] or None
+    return (rest or None) if kind == "trt" else None
+
+
 def open_backend(spec: str, **options: Any) -> Backend:
     """Build a backend; `options` go to its constructor (model_name, heads, threads, ...)."""
     kind, _, rest = spec.partition(":")

@@ -81,8 +81,6 @@ class Exporter:
     def reference(self) -> list[np.ndarray]:
         if self._reference is None:
             ref = TorchBackend(self.args.model, heads=self.args.heads, weights=str(self.weights))
-            ref.model = self.model
-            ref.forward = self.model
             self._reference = run_cohort(ref, self.parity_set, desc="reference torch:cpu")
         return self._reference
 

@@ -23,6 +23,7 @@ from onnxruntime.quantization.qdq_loss_debug import (
 
 from m2anet.data import load_split
 from m2anet.engines.ort_backend import OrtBackend
+from m2anet.engines.spec import artifact_path
 from m2anet.export.int8 import Calibration, _Reader, quantize_int8
 from m2anet.export.manifest import artifact_entry, write_manifest
 from m2anet.io import sha256_file
@@ -49,8 +50,8 @@ def layer_sensitivity(fp32: Path, int8: Path, nodes: int = 16) -> list[tuple[str
 
 def diagnose_int8(args: argparse.Namespace, report: dict) -> dict:
     """Exclude the worst layers until the int8 tier passes; returns the advice and the trials."""
-    kind, _, rest = args.backend.partition(":")
-    int8 = Path(rest.partition(":")[2]) if kind == "ort" else None
+    path = artifact_path(args.backend) if args.backend.startswith("ort:") else None
+    int8 = Path(path) if path else None
     if int8 is None or artifact_entry(int8)["precision"] != "int8":
         raise ValueError("--diagnose needs an INT8 ONNX artifact: m2a-verify ort:cpu:FOLDER/model.int8.onnx")
     entry = artifact_entry(int8)

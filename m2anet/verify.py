@@ -19,7 +19,7 @@ import numpy as np
 
 from m2anet.data import SPLITS, Cohort, load_split
 from m2anet.engines import Backend, open_backend
-from m2anet.engines.spec import SPEC_HELP
+from m2anet.engines.spec import SPEC_HELP, artifact_path
 from m2anet.io import atomic_path, write_json
 from m2anet.metrics import sigmoid
 from m2anet.model import list_models
@@ -34,8 +34,7 @@ def artifact_context(spec: str) -> dict[str, Any]:
     """Model, heads, weights, threshold and precision of the artifact a spec opens (if any)."""
     from m2anet.export.manifest import artifact_entry, read_manifest
 
-    kind, _, rest = spec.partition(":")
-    path = rest.partition(":")[2] if kind == "ort" else rest if kind == "trt" else None
+    path = artifact_path(spec)
     if not path:
         return {}
     entry = artifact_entry(path, verify=False)  # the backend verifies the hash when it opens
