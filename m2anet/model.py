@@ -9,15 +9,16 @@ ONNX and TensorRT with static shapes except the batch: no Resize, adaptive pooli
 TopK, GridSample, If/Loop or data-dependent shapes.
 
 The forward pass follows the figure: encoder S1..S5 on the CT -> soft mask expansion of the
-given node contour -> ring x attention pooling at S3, S4, S5 plus a global token and a
-geometry token -> gated token fusion -> metastasis logit; a U-Net decoder from S5 predicts
-the node mask.
+given node contour -> ring x attention pooling at S3, S4, S5 plus a global token -> gated
+token fusion -> metastasis logit; a U-Net decoder from S5 predicts the node mask.
 
-The geometry token (our addition) carries the masses of the three rings, i.e. the contoured
-volume and how much the dilations add to it (size and compactness). Pooled tokens are
-normalised means and so blind to size, the strongest clinical sign; without this token the
-network must infer size from receptive fields alone and, on CPU training budgets, trails the
-short-axis rule.
+The geometry features (our addition) go to the head beside the fused tokens: the masses of the
+three rings (the contoured volume and how much the dilations add to it) and the contour's long,
+middle and short extent from its second moments. Pooled tokens are normalised means and so
+blind to size and shape, the strongest clinical signs (short axis, roundness). Fed in as one
+more token, or unstandardised, they were learned slowly (the short extent varies by a few
+tenths around a larger offset) and CPU-trained checkpoints stayed below the short-axis rule, so
+they are standardised with statistics of the training split, stored with the weights.
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ PATCH_SPACING_MM = (3.0, 0.8, 0.8)
 """(z, y, x) voxel spacing of the patch in mm."""
 HU_WINDOW = (-175.0, 275.0)
 """HU are clipped to this window and scaled to [0, 1] before the model."""
-RING_VOXEL_CM3 = 3.0 * 3.2 * 3.2 / 1000.0
+S3_SHAPE = (16, 16, 16)
+S3_SPACING_MM = (3.0, 3.2, 3.2)
+"""Grid of the soft masks: the patch after the (1, 4, 4) pooling of S2 and S3."""
+RING_VOXEL_CM3 = S3_SPACING_MM[0] * S3_SPACING_MM[1] * S3_SPACING_MM[2] / 1000.0
 """Volume of one S3 voxel: ring masses become the contoured volume (core) and its surroundings."""
+SHAPE_UNIT_MM = 4.0
+"""Length unit of the contour moments: any mask in the patch, from one voxel to all of it, keeps
+the determinant of its covariance a normal FP16 number (at most about 14^3)."""
 
 Heads = Literal["both", "cls"]
 
@@ -145,6 +152,41 @@ class MaskAttentionPool(nn.Module):
         return self.proj(pooled)
 
 
+class ContourShape(nn.Module):
+    """Long, middle and short extent of the contour, rotation invariant, without an eigensolver.
+
+    The covariance of the core occupancy has invariants I1 (trace), I2 (sum of principal minors)
+    and I3 (determinant); I1, I2 / I1 and I3 / I2 track the largest, middle and smallest principal
+    variance, so their square roots give the node's extents in SHAPE_UNIT_MM. Only MatMul, Mul,
+    Add, Div and Sqrt: it exports and runs in FP16 like the rest of the graph. The mask is not a
+    parameter, so no gradient flows through the square roots.
+    """
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        axes = [
+            (torch.arange(n) - (n - 1) / 2.0) * sp / SHAPE_UNIT_MM
+            for n, sp in zip(S3_SHAPE, S3_SPACING_MM, strict=True)
+        ]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1).T  # (N, 3)
+        self.register_buffer("coords", coords, persistent=False)
+        self.register_buffer("outer", (coords[:, :, None] * coords[:, None, :]).flatten(1), persistent=False)
+        self.eps = eps
+
+    def forward(self, core: torch.Tensor) -> torch.Tensor:
+        w = core.flatten(1)  # (B, N)
+        mass = w.sum(1, keepdim=True) + self.eps
+        mean = torch.matmul(w, self.coords) / mass  # (B, 3)
+        second = torch.matmul(w, self.outer) / mass  # (B, 9)
+        c = [second[:, k] - mean[:, k // 3] * mean[:, k % 3] for k in (0, 4, 8, 1, 2, 5)]
+        zz, yy, xx, zy, zx, yx = c
+        i1 = zz + yy + xx
+        i2 = zz * yy + zz * xx + yy * xx - zy * zy - zx * zx - yx * yx
+        i3 = zz * (yy * xx - yx * yx) - zy * (zy * xx - yx * zx) + zx * (zy * yx - yy * zx)
+        variances = torch.stack([i1, i2 / (i1 + self.eps), i3 / (i2 + self.eps)], dim=1)
+        return torch.sqrt(torch.relu(variances))
+
+
 class GatedAttentionFusion(nn.Module):
     """Gated attention pooling over tokens (Ilse et al. 2018): which scale and ring matter."""
 
@@ -190,11 +232,15 @@ class M2ANet(nn.Module):
         self.pool4 = MaskAttentionPool(w[3], td, config.eps)
         self.pool5 = MaskAttentionPool(w[4], td, config.eps)
         self.global_proj = nn.Linear(w[4], td)
-        self.geometry_proj = nn.Linear(3, td)
-        self.token_embed = nn.Parameter(torch.zeros(1, 11, td))  # which scale/ring a token is
+        self.shape = ContourShape(config.eps)
+        # standardisation of the geometry features, set from the training split by m2a-train
+        self.register_buffer("geometry_mean", torch.zeros(6))
+        self.register_buffer("geometry_std", torch.ones(6))
+        self.geometry_proj = nn.Linear(6, td)
+        self.token_embed = nn.Parameter(torch.zeros(1, 10, td))  # which scale/ring a token is
         self.fusion = GatedAttentionFusion(td, config.attn_dim)
         self.head = nn.Sequential(
-            nn.Linear(td, config.head_hidden),
+            nn.Linear(2 * td, config.head_hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(config.dropout),
             nn.Linear(config.head_hidden, 1),
@@ -206,6 +252,10 @@ class M2ANet(nn.Module):
             self.up2 = UpBlock(w[2], w[1], w[1], (1, 2, 2))
             self.up1 = UpBlock(w[1], w[0], w[0], (1, 2, 2))
             self.seg_out = nn.Conv3d(w[0], 1, 1)
+
+    def geometry(self, rings3: torch.Tensor) -> torch.Tensor:
+        """Ring masses (cm^3) and contour extents, before standardisation: (B, 6)."""
+        return torch.cat([rings3.sum((2, 3, 4)) * RING_VOXEL_CM3, self.shape(rings3[:, :1])], dim=1)
 
     def forward(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f1 = self.s1(ct)
@@ -223,11 +273,12 @@ class M2ANet(nn.Module):
                 self.pool4(f4, rings4),
                 self.pool5(f5, rings5),
                 self.global_proj(f5.mean((2, 3, 4))).unsqueeze(1),
-                self.geometry_proj(rings3.sum((2, 3, 4)) * RING_VOXEL_CM3).unsqueeze(1),
             ],
             dim=1,
         )
-        met_logit = self.head(self.fusion(tokens + self.token_embed))
+        geometry = (self.geometry(rings3) - self.geometry_mean) / self.geometry_std
+        fused = self.fusion(tokens + self.token_embed)
+        met_logit = self.head(torch.cat([fused, self.geometry_proj(geometry)], dim=1))
         if self.heads == "cls":
             return (met_logit,)
 

@@ -83,6 +83,15 @@ def _flip(gen: torch.Generator, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x.flip(dims) if dims else x for x in xs)
 
 
+@torch.no_grad()
+def _standardise_geometry(model: M2ANet, cohort: Cohort, batch: int = 256) -> None:
+    """Set the geometry features' mean and std from the training contours (no gradient)."""
+    masks = (torch.from_numpy(cohort.mask[i : i + batch]) for i in range(0, len(cohort), batch))
+    g = torch.cat([model.geometry(model.sme(m)) for m in masks])
+    model.geometry_mean.copy_(g.mean(0))
+    model.geometry_std.copy_(g.std(0))
+
+
 def _init_record(init: Path | None) -> dict | None:
     """Where a continued run started: the weights' hash and the record of the run that made them."""
     if init is None:
@@ -110,6 +119,8 @@ def train(
     t0 = time.time()
     train_set, val_set = load_split("train", n=n_train), load_split("val")
     model = create_model(name, weights=str(init) if init else None)
+    if init is None:
+        _standardise_geometry(model, train_set)
     model.train()
     pos = float(train_set.label.mean())
     pos_weight = torch.tensor([(1 - pos) / pos])

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
 from m2anet import create_model, list_models, model_stats
-from m2anet.model import PATCH_SHAPE, SoftMaskExpansion
+from m2anet.model import PATCH_SHAPE, S3_SHAPE, S3_SPACING_MM, ContourShape, SoftMaskExpansion
 
 
 @pytest.mark.parametrize("name", ["m2anet_small", "m2anet_base"])
@@ -70,6 +71,26 @@ def test_soft_mask_expansion_rings():
     assert torch.all(rings[1] >= rings[0] - 1e-6)
 
 
+def _ellipsoid(semi_axes_mm: tuple[float, float, float]) -> torch.Tensor:
+    """A solid ellipsoid on the S3 grid, semi-axes along (z, y, x)."""
+    grid = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in S3_SHAPE), indexing="ij")
+    r2 = sum((g * sp / a) ** 2 for g, sp, a in zip(grid, S3_SPACING_MM, semi_axes_mm, strict=True))
+    return torch.from_numpy((r2 <= 1).astype(np.float32))[None, None]
+
+
+def test_contour_shape_is_invariant_and_tracks_the_short_axis():
+    shape = ContourShape(eps=1e-3)
+    node = _ellipsoid((12.0, 20.0, 8.0))
+    long, middle, short = shape(node)[0]
+    assert long > middle > short > 0
+    for moved in (node.flip(2), node.flip(3, 4), node.transpose(3, 4)):  # flips, in-plane rotation
+        torch.testing.assert_close(shape(moved), shape(node))
+    shorts = [shape(_ellipsoid((15.0, 15.0, c)))[0, 2].item() for c in (4.0, 7.0, 10.0, 13.0)]
+    assert shorts == sorted(shorts) and len(set(shorts)) == 4
+    empty = shape(torch.zeros_like(node))
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
 def test_encoder_does_not_see_the_mask_and_pooling_does():
     model = create_model("m2anet_small")
     ct = torch.rand(1, 1, *PATCH_SHAPE)
@@ -78,3 +99,18 @@ def test_encoder_does_not_see_the_mask_and_pooling_does():
         a, b = model(ct, m1), model(ct, m2)
     torch.testing.assert_close(a[1], b[1])  # segmentation from the CT only
     assert not torch.allclose(a[0], b[0])  # classification depends on which node is masked
+
+
+def test_geometry_is_standardised_with_training_statistics_saved_in_the_weights():
+    from m2anet.data import load_split
+    from m2anet.train import _standardise_geometry
+
+    model = create_model("m2anet_small")
+    cohort = load_split("val", n=12)
+    _standardise_geometry(model, cohort)
+    with torch.no_grad():
+        g = model.geometry(model.sme(torch.from_numpy(cohort.mask)))
+    z = (g - model.geometry_mean) / model.geometry_std
+    torch.testing.assert_close(z.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(6))
+    assert {"geometry_mean", "geometry_std"} <= set(model.state_dict())
