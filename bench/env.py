@@ -4,61 +4,17 @@ two reports cannot be compared and a number cannot be reproduced."""
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import os
 import platform
-import subprocess
-from pathlib import Path
 from typing import Any
 
+import onnxruntime
 import torch
 
-LIBRARIES = ("m2anet", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt", "nvidia-ml-py")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> dict[str, Any] | None:
-    """The checkout's commit and whether it had local changes (None outside a git checkout)."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return {"commit": commit, "dirty": bool(dirty)}
-
-
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
+from m2anet.engines.environment import cpu_model, driver_version, git_commit, library_versions
 
 
 def capture(ort_threads: int | None) -> dict[str, Any]:
-    import onnxruntime
-
-    from m2anet.bench.telemetry import driver_version
-
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "os": platform.platform(),
@@ -70,7 +26,7 @@ def capture(ort_threads: int | None) -> dict[str, Any]:
             "onnxruntime": ort_threads or "default (one per physical core)",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         },
-        "libraries": _versions(),
+        "libraries": library_versions(),
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "git": git_commit(),
         "gpus": [],

@@ -14,10 +14,10 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from m2anet.engines.environment import cpu_flags
 from m2anet.model import PATCH_SHAPE
 
 COMPUTE_TYPES = {
@@ -70,21 +70,11 @@ def percent_of_floor(floor_s: float, measured_s: float) -> float:
     return 100.0 * floor_s / measured_s
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def compute_types(device: str) -> list[str]:
     """The types the device runs natively: a CPU without FP16 units runs torch's FP16 matmul
     hundreds of times slower than FP32, which would say nothing about the hardware."""
     if device == "cpu":
-        flags = _cpu_flags()
+        flags = cpu_flags()
         types = ["fp32", *(t for t, names in _CPU_FLAGS.items() if flags & set(names))]
         return [*types, "int8"] if flags & set(_INT8_FLAGS) else types
     major, minor = torch.cuda.get_device_capability(torch.device(device))

@@ -56,7 +56,7 @@ class Inputs:
 
 
 def is_cuda(backend: Backend) -> bool:
-    return backend.device.startswith("cuda") or backend.device == "trt"
+    return backend.device.startswith("cuda")
 
 
 class Runner(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from m2anet.export.manifest import read_manifest, write_manifest
+from m2anet.manifest import read_manifest, write_manifest
 
 CRITERIA = {
     "single": ("p90 latency ms", lambda s: s["latency_ms"]["p90"], False),  # MLPerf SingleStream's metric

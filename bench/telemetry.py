@@ -19,6 +19,8 @@ from typing import Any
 
 import pynvml
 
+from m2anet.engines.environment import nvml_missing_reason
+
 THROTTLE = {
     "sw_power_cap": pynvml.nvmlClocksThrottleReasonSwPowerCap,
     "hw_slowdown": pynvml.nvmlClocksThrottleReasonHwSlowdown,
@@ -42,23 +44,12 @@ _REASONS = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or (
 
 
 @functools.cache
-def nvml_unavailable() -> str | None:
-    """None when NVML answers; otherwise why not, said once on stderr as one line."""
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as e:
-        print(
-            f"m2a-bench: NVML unavailable ({e}): no power, energy, clock or throttle telemetry",
-            file=sys.stderr,
-        )
-        return str(e)
-    return None
-
-
-def driver_version() -> str | None:
-    if nvml_unavailable():
-        return None
-    return str(pynvml.nvmlSystemGetDriverVersion())
+def say_nvml_missing(reason: str) -> None:
+    """One line on stderr per process, however many runs start without NVML."""
+    print(
+        f"m2a-bench: NVML unavailable ({reason}): no power, energy, clock or throttle telemetry",
+        file=sys.stderr,
+    )
 
 
 def _handle(device: str) -> Any:
@@ -159,7 +150,9 @@ class Telemetry:
 
     def __init__(self, device: str = "cuda", interval_s: float = 0.05) -> None:
         self.device, self.interval_s = device, interval_s
-        self.reason = nvml_unavailable()
+        self.reason = nvml_missing_reason()
+        if self.reason:
+            say_nvml_missing(self.reason)
         self._samples: list[Sample] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -8,11 +8,14 @@ no backend has to.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from types import TracebackType
 
 import numpy as np
+from tqdm import tqdm
 
+from m2anet.data import Cohort
 from m2anet.model import PATCH_SHAPE
 
 OUTPUT_NAMES = ("met_logit", "seg_logit")
@@ -84,3 +87,17 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.precision} on {self.device}>"
+
+
+def run_cohort(
+    backend: Backend, cohort: Cohort, batch: int = 16, desc: str | None = None
+) -> list[np.ndarray]:
+    """Every output of `backend` over a labelled cohort, in order, with a progress bar: what parity
+    checks compare."""
+    outs: list[list[np.ndarray]] = []
+    bar = tqdm(total=len(cohort), desc=desc or backend.name, unit="node", file=sys.stderr, leave=False)
+    for i in range(0, len(cohort), batch):
+        outs.append(list(backend.infer(cohort.ct[i : i + batch], cohort.mask[i : i + batch])))
+        bar.update(min(batch, len(cohort) - i))
+    bar.close()
+    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]

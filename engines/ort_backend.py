@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from m2anet.engines.base import Backend
-from m2anet.export.manifest import artifact_entry
+from m2anet.manifest import artifact_entry
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -39,7 +39,9 @@ class OrtBackend(Backend):
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=PROVIDERS[device])
-        self.name, self.device, self.precision = f"ort:{device}", device, entry["precision"]
+        # `device` says where it runs (cpu or cuda); the provider is in the name
+        self.name, self.precision = f"ort:{device}", entry["precision"]
+        self.device = "cpu" if device == "cpu" else "cuda"
         self.max_batch = None
         self.outputs = tuple(o.name for o in self.session.get_outputs())
         self.path = Path(path)

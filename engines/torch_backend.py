@@ -9,6 +9,11 @@ import torch
 
 from m2anet.engines.base import INPUT_NAMES, Backend
 from m2anet.model import PATCH_SHAPE, Heads, create_model
+from m2anet.optional import lazy_import
+
+torch_tensorrt = lazy_import(
+    "torch_tensorrt", "pip install 'm2anet[gpu]' (torch-tensorrt matching your torch)"
+)
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -87,8 +92,6 @@ class TorchBackend(Backend):
 def _torch_tensorrt(model: torch.nn.Module, batch: tuple[int, int, int], precision: str) -> torch.nn.Module:
     """Compile with torch-tensorrt (dynamo IR), explicitly typed like every engine of this project:
     FP32 as exported, or FP16 through torch-tensorrt's autocast (it keeps reductions in FP32)."""
-    import torch_tensorrt
-
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"torch-trt offers fp32 or fp16, got {precision!r}")
     shape = (1, *PATCH_SHAPE)

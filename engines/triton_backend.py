@@ -14,6 +14,14 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from m2anet.engines.base import INPUT_NAMES, OUTPUT_NAMES, Backend
+from m2anet.optional import lazy_import
+
+_INSTALL = "pip install 'tritonclient[grpc,http]'"
+CLIENTS = {
+    "grpc": lazy_import("tritonclient.grpc", _INSTALL),
+    "http": lazy_import("tritonclient.http", _INSTALL),
+    "https": lazy_import("tritonclient.http", _INSTALL),
+}
 
 DEFAULT_MODEL = "m2anet"
 _NUMPY = {"FP32": np.float32, "FP16": np.float16}
@@ -31,13 +39,10 @@ class TritonBackend(Backend):
         self.model_name = model_name or parts.path.strip("/") or DEFAULT_MODEL
         self.model_version = model_version
         self.url = f"{parts.scheme}://{parts.netloc}/{self.model_name}"
+        client_lib = CLIENTS[parts.scheme]
         if parts.scheme == "grpc":
-            import tritonclient.grpc as client_lib
-
             self._client: Any = client_lib.InferenceServerClient(url=parts.netloc)
         else:
-            import tritonclient.http as client_lib  # type: ignore[no-redef]
-
             self._client = client_lib.InferenceServerClient(
                 url=parts.netloc, ssl=parts.scheme == "https", network_timeout=timeout_s
             )

@@ -12,18 +12,23 @@ thread-safe: use one instance per thread (they may share a GPU).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from m2anet.engines.base import INPUT_NAMES, OUTPUT_NAMES, Backend
-from m2anet.export.manifest import ArtifactError, artifact_entry
+from m2anet.engines.environment import gpu_facts, tensorrt_missing_reason
+from m2anet.manifest import ArtifactError, artifact_entry
 from m2anet.model import PATCH_SHAPE
+from m2anet.optional import lazy_import
 
 if TYPE_CHECKING:
     import tensorrt as trt
-    import torch
+else:
+    trt = lazy_import("tensorrt", "pip install 'm2anet[gpu]'")
 
 REBUILD = "rebuild it with m2a-export --force on this machine"
 
@@ -31,6 +36,21 @@ REBUILD = "rebuild it with m2a-export --force on this machine"
 def _dims(dims: trt.Dims) -> tuple[int, ...]:
     """Dims as a tuple; indexed, because the stubs type Dims as indexable but not iterable."""
     return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def trt_major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def trt_major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+@functools.cache
+def trt_logger() -> trt.ILogger:
+    """One logger per process: TensorRT warns when builders and runtimes get different loggers."""
+    return trt.Logger(trt.Logger.WARNING)
 
 
 def _compatible_versions(built: tuple[int, int], here: tuple[int, int], version_compatible: bool) -> bool:
@@ -67,13 +87,9 @@ class TensorRTBackend(Backend):
         if not isinstance(info, dict):
             raise ArtifactError(f"the manifest entry of {plan.name} has no 'tensorrt' section: {REBUILD}")
 
-        from m2anet.export.tensorrt_build import gpu_facts, tensorrt_unavailable, trt_logger, trt_major_minor
-
-        reason = tensorrt_unavailable()
+        reason = tensorrt_missing_reason()
         if reason is not None:
             raise RuntimeError(f"cannot run {plan.name}: {reason}")
-        import tensorrt as trt
-        import torch
 
         if device >= torch.cuda.device_count():
             raise ValueError(f"cuda:{device} does not exist ({torch.cuda.device_count()} GPUs visible)")
@@ -131,8 +147,6 @@ class TensorRTBackend(Backend):
         self._batch_set = 0  # the batch the context's input shapes are currently set to
 
     def _setup_io(self, engine: trt.ICudaEngine, plan_name: str) -> None:
-        import tensorrt as trt
-        import torch
 
         dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -167,7 +181,6 @@ class TensorRTBackend(Backend):
 
     def _enqueue(self, n: int) -> None:
         """Run the engine on the first `n` rows of the device buffers, on the backend's stream."""
-        import torch
 
         if self._context is None or self._stream is None:
             raise RuntimeError("this TensorRTBackend is closed: create a new one")
@@ -196,7 +209,6 @@ class TensorRTBackend(Backend):
             self._graphs[n] = graph
 
     def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
-        import torch
 
         if self._stream is None:
             raise RuntimeError("this TensorRTBackend is closed: create a new one")
@@ -218,7 +230,6 @@ class TensorRTBackend(Backend):
 
         Ordered with the caller's current stream both ways, so the result can be used right away.
         """
-        import torch
 
         if self._stream is None:
             raise RuntimeError("this TensorRTBackend is closed: create a new one")

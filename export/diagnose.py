@@ -9,10 +9,10 @@ until the tier passes.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnxruntime.quantization.qdq_loss_debug import (
     collect_activations,
@@ -21,13 +21,13 @@ from onnxruntime.quantization.qdq_loss_debug import (
     modify_model_output_intermediate_tensors,
 )
 
-from m2anet.data import load_split
+from m2anet.data import Cohort, load_split
+from m2anet.engines.base import run_cohort
 from m2anet.engines.ort_backend import OrtBackend
-from m2anet.engines.spec import artifact_path
-from m2anet.export.int8 import Calibration, _Reader, quantize_int8
-from m2anet.export.manifest import artifact_entry, write_manifest
+from m2anet.export.int8 import Calibration, CalibrationReader, quantize_int8
 from m2anet.io import sha256_file
-from m2anet.parity import TIERS, compare, run_cohort
+from m2anet.manifest import artifact_entry, write_manifest
+from m2anet.parity import TIERS, compare
 
 
 def layer_sensitivity(fp32: Path, int8: Path, nodes: int = 16) -> list[tuple[str, float]]:
@@ -38,7 +38,7 @@ def layer_sensitivity(fp32: Path, int8: Path, nodes: int = 16) -> list[tuple[str
         for key, path in (("float", fp32), ("qdq", int8)):
             augmented = Path(tmp) / f"{key}.onnx"
             modify_model_output_intermediate_tensors(str(path), str(augmented))
-            acts[key] = collect_activations(str(augmented), _Reader(cohort, 4, lambda n: None))
+            acts[key] = collect_activations(str(augmented), CalibrationReader(cohort, 4, lambda n: None))
     errors = compute_activation_error(create_activation_matching(acts["qdq"], acts["float"]))
     graph = onnx.load(str(fp32)).graph
     scores: dict[str, float] = {}
@@ -48,18 +48,15 @@ def layer_sensitivity(fp32: Path, int8: Path, nodes: int = 16) -> list[tuple[str
     return sorted(scores.items(), key=lambda kv: kv[1])
 
 
-def diagnose_int8(args: argparse.Namespace, report: dict) -> dict:
-    """Exclude the worst layers until the int8 tier passes; returns the advice and the trials."""
-    path = artifact_path(args.backend) if args.backend.startswith("ort:") else None
-    int8 = Path(path) if path else None
-    if int8 is None or artifact_entry(int8)["precision"] != "int8":
-        raise ValueError("--diagnose needs an INT8 ONNX artifact: m2a-verify ort:cpu:FOLDER/model.int8.onnx")
+def diagnose_int8(int8: Path, reference: list[np.ndarray], cohort: Cohort, threshold: float) -> dict:
+    """Exclude the worst layers until the int8 tier passes against the `reference` outputs on
+    `cohort`; returns the ranking, the trials and the advice."""
     entry = artifact_entry(int8)
+    if entry["precision"] != "int8" or not int8.name.endswith(".onnx"):
+        raise ValueError("--diagnose needs an INT8 ONNX artifact: m2a-verify ort:cpu:FOLDER/model.int8.onnx")
     fp32 = int8.parent / entry["source"]
     calib = entry["calibration"]
     ranked = layer_sensitivity(fp32, int8)
-    cohort = load_split(args.split, n=args.n)
-    reference = report["_reference_outputs"]
     trials = []
     sizes = sorted({*(2**i for i in range(len(ranked).bit_length())), len(ranked)} - {0})
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,7 +75,7 @@ def diagnose_int8(args: argparse.Namespace, report: dict) -> dict:
             )
             with OrtBackend(candidate) as backend:
                 outputs = run_cohort(backend, cohort, desc=f"exclude {k}")
-            result = compare(reference, outputs, cohort, report["threshold"], TIERS["int8"])
+            result = compare(reference, outputs, cohort, threshold, TIERS["int8"])
             trials.append(
                 {
                     "excluded": list(exclude),

@@ -57,7 +57,9 @@ class Calibration:
     exclude: tuple[str, ...] = ()
 
 
-class _Reader(CalibrationDataReader):
+class CalibrationReader(CalibrationDataReader):
+    """Feeds a cohort to ONNX Runtime's calibrators in batches, reporting each batch to `on_batch`."""
+
     def __init__(self, cohort: Cohort, batch: int, on_batch) -> None:
         self.cohort, self.batch, self.on_batch, self.i = cohort, batch, on_batch, 0
 
@@ -79,7 +81,7 @@ def quantize_int8(fp32_path: str | Path, path: str | Path, calib: Calibration, p
         raise ValueError(f"unknown calibration method {calib.method!r}: choose {', '.join(CALIB_METHODS)}")
     cohort = load_split("calib", n=calib.size)
     signed = calib.target == "tensorrt"
-    reader = _Reader(cohort, calib.batch, progress or (lambda n: None))
+    reader = CalibrationReader(cohort, calib.batch, progress or (lambda n: None))
     root = logging.getLogger()
     level = root.level
     with atomic_path(path) as tmp:

@@ -10,13 +10,12 @@ import numpy as np
 import onnx
 import torch
 
+from m2anet.data import load_split
 from m2anet.engines.base import INPUT_NAMES, OUTPUT_NAMES
 from m2anet.io import atomic_path
 from m2anet.model import M2ANet
 
 OPSET = 20
-FP32_TOLERANCE = {"met_logit": 1e-4, "seg_logit": 1e-3}
-"""Max abs difference allowed between PyTorch and the exported FP32 graph on ONNX Runtime."""
 
 
 class ExportError(RuntimeError):
@@ -25,8 +24,6 @@ class ExportError(RuntimeError):
 
 def example_inputs(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Real patches from the calibration split (not noise), so checks see realistic activations."""
-    from m2anet.data import load_split
-
     c = load_split("calib", n=batch, seed=None if seed == 0 else seed)
     return torch.from_numpy(c.ct), torch.from_numpy(c.mask)
 

@@ -4,93 +4,37 @@ Precision lives in the ONNX graph (FP32, FP16 inside, or explicit INT8 Q/DQ), ne
 flags: TensorRT 11 removed the weak-typing flags (FP16, INT8, ...) and always builds strongly
 typed networks, so building strongly typed on 10.x too gives the same engine semantics on both.
 
-`tensorrt` is imported inside the functions, so this module (and everything that imports it)
-loads on machines without TensorRT or a GPU; `tensorrt_unavailable()` says why it cannot run.
+`tensorrt` is imported on first use, so this module (and everything that imports it) loads on
+machines without TensorRT or a GPU; `tensorrt_missing_reason()` says why it cannot run.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tqdm import tqdm
+
 from m2anet.engines.base import INPUT_NAMES
+from m2anet.engines.environment import gpu_facts, tensorrt_missing_reason
+from m2anet.engines.trt_backend import trt_logger, trt_major
 from m2anet.io import atomic_path
 from m2anet.model import PATCH_SHAPE
+from m2anet.optional import lazy_import
 
 if TYPE_CHECKING:
     import tensorrt as trt
+else:
+    trt = lazy_import("tensorrt", "pip install 'm2anet[gpu]'")
 
 log = logging.getLogger(__name__)
 
 
-def tensorrt_unavailable() -> str | None:
-    """None when TensorRT can build and run here, otherwise a one-line reason (for skips and errors)."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "tensorrt is not installed (pip install 'm2anet[gpu]')"
-    except Exception as e:  # a placeholder package or missing CUDA libraries fail with other errors
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        return f"tensorrt failed to import ({type(e).__name__}: {first}): reinstall 'm2anet[gpu]'"
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    return None
-
-
-def trt_major(version: str) -> int:
-    return int(version.split(".")[0])
-
-
-def trt_major_minor(version: str) -> tuple[int, int]:
-    major, minor = version.split(".")[:2]
-    return int(major), int(minor)
-
-
-@functools.cache
-def trt_logger() -> trt.ILogger:
-    """One logger per process: TensorRT warns when builders and runtimes get different loggers."""
-    import tensorrt as trt
-
-    return trt.Logger(trt.Logger.WARNING)
-
-
-def gpu_facts(device: int | None = None) -> dict[str, str]:
-    """The GPU facts an engine is tied to, as the manifest records and the runtime checks them."""
-    import torch
-
-    index = torch.cuda.current_device() if device is None else device
-    props = torch.cuda.get_device_properties(index)
-    return {
-        "gpu": props.name,
-        "compute_capability": f"{props.major}.{props.minor}",
-        "driver": _driver_version(),
-        "cuda_runtime": str(torch.version.cuda),
-    }
-
-
-def _driver_version() -> str:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            version = pynvml.nvmlSystemGetDriverVersion()
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception as e:  # NVML missing (containers without the driver's NVML) must not fail a build
-        return f"unknown ({type(e).__name__})"
-    return version.decode() if isinstance(version, bytes) else str(version)
-
-
 def _network_flags() -> int:
     """STRONGLY_TYPED on 10.x; on 11.x every network is strongly typed and the flag is deprecated."""
-    import tensorrt as trt
 
     if trt_major(trt.__version__) >= 11:
         return 0
@@ -99,8 +43,6 @@ def _network_flags() -> int:
 
 def _progress_monitor() -> trt.IProgressMonitor:
     """A tqdm bar per top-level build phase; TensorRT calls it from several threads, hence the lock."""
-    import tensorrt as trt
-    from tqdm import tqdm
 
     class _Progress(trt.IProgressMonitor):
         def __init__(self) -> None:
@@ -151,10 +93,9 @@ def build_engine(
         raise ValueError(f"batch profile {batch} is not 1 <= min <= opt <= max: pass e.g. (1, 32, 256)")
     if not 0 <= opt_level <= 5:
         raise ValueError(f"opt_level {opt_level} is outside 0..5: TensorRT's default is 3")
-    reason = tensorrt_unavailable()
+    reason = tensorrt_missing_reason()
     if reason is not None:
         raise RuntimeError(f"cannot build {plan_path.name}: {reason}")
-    import tensorrt as trt
 
     start = time.perf_counter()
     logger = trt_logger()

@@ -20,36 +20,29 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
-from m2anet.engines import Backend, open_backend
-from m2anet.export.manifest import ArtifactError, artifact_entry, read_manifest
+from m2anet.engines import Backend, BackendSpec, open_backend
+from m2anet.engines.choice import fastest_artifact_spec
 from m2anet.io import sha256_file
+from m2anet.manifest import (
+    PRECISIONS,
+    ArtifactError,
+    artifact_entry,
+    artifact_name,
+    check_parity,
+    read_manifest,
+    verified_weights,
+)
 from m2anet.metrics import sigmoid
-from m2anet.preprocess import Node, Progress, StudyError, paste_masks, prepare_study, to_image
+from m2anet.node_report import StudyReport, node_row
+from m2anet.preprocess import Progress, as_image, paste_masks, prepare_study
 from m2anet.weights import shipped_weights, training_record
 
-KINDS = ("trt", "ort:cpu", "ort:cuda", "ort:trt", "torch:cpu", "torch:cuda")
-KINDS_HELP = (
+BACKEND_HELP = (
     "trt, ort:cpu, ort:cuda, ort:trt, torch:cpu, torch:cuda, triton:URL "
     "(or a file: ort:cpu:FILE.onnx, trt:FILE.plan)"
 )
-COLUMNS = (
-    "label",
-    "status",
-    "centroid_x_mm",
-    "centroid_y_mm",
-    "centroid_z_mm",
-    "voxel_i",
-    "voxel_j",
-    "voxel_k",
-    "volume_mm3",
-    "short_axis_mm",
-    "larger_than_patch",
-    "probability",
-    "prediction",
-    "note",
-)
-"""Keys of a per-node result, in report order."""
 
 
 class StudyWarning(UserWarning):
@@ -61,95 +54,6 @@ class PatchPredictions:
     probability: np.ndarray  # (N,) float64, P(metastatic)
     predicted: np.ndarray  # (N,) int64, 1 = metastatic (probability >= threshold)
     seg: np.ndarray | None  # (N, 16, 64, 64) float32 node-mask probability; None without a seg head
-
-
-@dataclass
-class StudyReport:
-    nodes: list[dict[str, Any]]  # one row per label (COLUMNS), skipped nodes included
-    warnings: list[str]
-    timings_s: dict[str, float]
-    masks: sitk.Image | None  # predicted node masks on the CT grid, when asked for
-
-
-def _parse_backend(spec: str | None) -> tuple[str | None, str | None]:
-    """'ort:cpu:FILE' -> ('ort:cpu', 'FILE'); 'trt' -> ('trt', None); 'triton:URL' -> ('triton', 'URL')."""
-    if spec is None:
-        return None, None
-    kind, _, rest = spec.partition(":")
-    if kind == "triton":
-        if not rest:
-            raise ValueError(
-                "backend 'triton' needs a URL: triton:grpc://HOST:8001 or triton:http://HOST:8000"
-            )
-        return kind, rest
-    if kind == "ort":
-        device, _, path = rest.partition(":")
-        kind = f"ort:{device}"
-        rest = path
-    elif kind == "torch":
-        kind, rest = f"torch:{rest}", ""
-    if kind not in KINDS:
-        raise ValueError(f"unknown backend {spec!r}: use one of {KINDS_HELP}")
-    return kind, rest or None
-
-
-def best_kind(folder: Path, manifest: dict[str, Any], precision: str) -> str:
-    """The fastest way to run this folder's `precision` here: TensorRT, ORT GPU, ORT CPU, PyTorch."""
-    import onnxruntime as ort
-
-    from m2anet.export.tensorrt_build import tensorrt_unavailable
-
-    artifacts = manifest.get("artifacts", {})
-    plan, onnx = f"model.{precision}.plan", f"model.{precision}.onnx"
-    if plan in artifacts and (folder / plan).is_file() and tensorrt_unavailable() is None:
-        return "trt"
-    if onnx in artifacts and (folder / onnx).is_file():
-        return "ort:cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "ort:cpu"
-    import torch
-
-    kind = "torch:cuda" if torch.cuda.is_available() else "torch:cpu"
-    warnings.warn(
-        f"{folder} has no {onnx}: running the exported weights on {kind} (export {precision} for speed)",
-        stacklevel=3,
-    )
-    return kind
-
-
-def _verified_weights(model: dict[str, Any]) -> Path:
-    """The weights the manifest names, or the shipped copy, whichever has the recorded hash."""
-    for candidate in (Path(model["weights"]), shipped_weights(model["name"])):
-        if candidate.is_file() and sha256_file(candidate) == model["weights_sha256"]:
-            return candidate
-    raise ArtifactError(
-        f"no weights with the manifest's sha256 {model['weights_sha256'][:12]}... ({model['weights']}): "
-        "copy that file here or re-run m2a-export"
-    )
-
-
-def check_parity(name: str, entry: dict[str, Any], allow_parity_fail: bool) -> None:
-    """Refuse an artifact whose export-time parity check failed or is missing."""
-    parity = entry.get("parity")
-    if allow_parity_fail or (isinstance(parity, dict) and parity.get("passed")):
-        return
-    why = "; ".join(parity.get("failures", [])) if isinstance(parity, dict) else "no parity check recorded"
-    raise ArtifactError(
-        f"{name} did not pass its {entry.get('precision')} parity check at export ({why}): re-export it, "
-        "use another precision, or pass allow_parity_fail=True (--allow-parity-fail)"
-    )
-
-
-def _as_image(
-    volume: sitk.Image | np.ndarray, geometry: dict[str, Any], like: sitk.Image | None
-) -> sitk.Image:
-    if isinstance(volume, sitk.Image):
-        return volume
-    if geometry["spacing"] is None:
-        if like is None:
-            raise StudyError(
-                "a numpy CT needs its geometry: pass spacing (and origin, direction), x-y-z order"
-            )
-        return to_image(volume, like.GetSpacing(), like.GetOrigin(), like.GetDirection())
-    return to_image(volume, **{k: v for k, v in geometry.items() if v is not None})
 
 
 class NodeClassifier:
@@ -184,36 +88,56 @@ class NodeClassifier:
         """Open the best artifact of `precision` in an `m2a-export` folder, or the one `backend` names.
 
         `backend`: None picks TensorRT plan > ONNX Runtime GPU > ONNX Runtime CPU > PyTorch; else
-        one of KINDS, a file spec (`ort:cpu:FILE.onnx`, `trt:FILE.plan`, whose folder is used), or
+        one of BACKEND_HELP, a file spec (`ort:cpu:FILE.onnx`, `trt:FILE.plan`, whose folder is used), or
         `triton:URL`. Hashes are checked when the artifact opens, TensorRT plans also against this
         GPU and TensorRT version, and an artifact that failed its parity tier is refused unless
         `allow_parity_fail`.
         """
-        kind, target = _parse_backend(backend)
-        if kind == "triton":
-            return cls._from_triton(str(target), folder, precision, threshold)
-        if target is not None:
-            folder = Path(target).parent
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        spec = None if backend is None else BackendSpec.parse(backend)
+        if spec is not None and spec.kind == "triton":
+            return cls._from_triton(str(spec.target), folder, precision, threshold)
+        if spec is not None and spec.kind not in ("torch", "ort", "trt"):
+            raise ValueError(f"unknown backend {backend!r}: use one of {BACKEND_HELP}")
+        if spec is not None and spec.artifact is not None:
+            folder = spec.artifact.parent
         if folder is None:
             raise ValueError("give the artifact folder written by m2a-export (or a backend naming a file)")
         folder = Path(folder)
         manifest = read_manifest(folder)
         model = manifest["model"]
-        kind = kind or best_kind(folder, manifest, precision)
         threshold = float(model["threshold"]) if threshold is None else threshold
-        if kind.startswith("torch"):
-            weights = _verified_weights(model)
-            autocast = "fp16" if kind == "torch:cuda" and precision == "fp16" else "fp32"
+        if spec is None:
+            spec = fastest_artifact_spec(folder, manifest, precision)
+            if spec is None:
+                spec = BackendSpec("torch:cuda" if torch.cuda.is_available() else "torch:cpu")
+                warnings.warn(
+                    f"{folder} has no {artifact_name(precision, 'onnx')}: running the exported weights on "
+                    f"{spec.spec} (export {precision} for speed)",
+                    stacklevel=2,
+                )
+        if spec.kind == "torch":
+            weights = verified_weights(model)
+            autocast = "fp16" if spec.device == "cuda" and precision == "fp16" else "fp32"
             runner = open_backend(
-                f"{kind}:{autocast}", model_name=model["name"], heads=model["heads"], weights=str(weights)
+                f"torch:{spec.device}:{autocast}",
+                model_name=model["name"],
+                heads=model["heads"],
+                weights=str(weights),
             )
             return cls(
                 runner, threshold, model=model["name"], artifact=str(weights), sha256=model["weights_sha256"]
             )
-        path = Path(target) if target else folder / f"model.{precision}.{'plan' if kind == 'trt' else 'onnx'}"
+        if spec.artifact is None:
+            spec = spec.with_artifact(
+                folder / artifact_name(precision, "plan" if spec.kind == "trt" else "onnx")
+            )
+        path = spec.artifact
+        assert path is not None
         entry = artifact_entry(path, verify=False)  # the backend verifies the hash as it opens the file
         check_parity(path.name, entry, allow_parity_fail)
-        runner = open_backend(f"{kind}:{path}")
+        runner = open_backend(spec)
         return cls(runner, threshold, model=model["name"], artifact=str(path), sha256=entry["sha256"])
 
     @classmethod
@@ -294,8 +218,8 @@ class NodeClassifier:
             raise ValueError("this artifact has no segmentation head (heads=cls): it cannot predict masks")
         t0 = time.perf_counter()
         geometry = {"spacing": spacing, "origin": origin, "direction": direction}
-        ct = _as_image(ct_image, geometry, None)
-        labels = _as_image(node_labels, geometry, ct)
+        ct = as_image(ct_image, geometry, None)
+        labels = as_image(node_labels, geometry, ct)
         study = prepare_study(ct, labels, progress)
         t1 = time.perf_counter()
         pred = self.predict_patches(study.ct, study.mask)
@@ -305,7 +229,7 @@ class NodeClassifier:
         mask_image = paste_masks(study, pred.seg) if masks and pred.seg is not None else None
         t3 = time.perf_counter()
         by_node = dict(zip(study.classified, pred.probability.tolist(), strict=True))
-        rows = [self._row(node, by_node.get(i)) for i, node in enumerate(study.nodes)]
+        rows = [node_row(node, by_node.get(i), self.threshold) for i, node in enumerate(study.nodes)]
         timings = {"preprocess_s": t1 - t0, "infer_s": t2 - t1}
         if masks:
             timings["masks_s"] = t3 - t2
@@ -330,32 +254,6 @@ class NodeClassifier:
         for message in report.warnings:
             warnings.warn(message, StudyWarning, stacklevel=2)
         return report.nodes
-
-    def _row(self, node: Node, probability: float | None) -> dict[str, Any]:
-        x, y, z = node.centroid_mm
-        i, j, k = node.voxel_index
-        prediction = None
-        if probability is not None:
-            prediction = "metastatic" if probability >= self.threshold else "benign"
-        note = node.skipped or (
-            "central crop of a node larger than the patch" if node.larger_than_patch else ""
-        )
-        return {
-            "label": node.label,
-            "status": "skipped" if probability is None else "classified",
-            "centroid_x_mm": x,
-            "centroid_y_mm": y,
-            "centroid_z_mm": z,
-            "voxel_i": i,
-            "voxel_j": j,
-            "voxel_k": k,
-            "volume_mm3": node.volume_mm3,
-            "short_axis_mm": node.short_axis_mm,
-            "larger_than_patch": node.larger_than_patch,
-            "probability": probability,
-            "prediction": prediction,
-            "note": note,
-        }
 
     def close(self) -> None:
         self.backend.close()

@@ -24,17 +24,32 @@ they are standardised with statistics of the training split, stored with the wei
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-PATCH_SHAPE = (16, 64, 64)
-"""(z, y, x) voxels of the per-node patch."""
-PATCH_SPACING_MM = (3.0, 0.8, 0.8)
-"""(z, y, x) voxel spacing of the patch in mm."""
-HU_WINDOW = (-175.0, 275.0)
-"""HU are clipped to this window and scaled to [0, 1] before the model."""
+
+@dataclass(frozen=True)
+class InputContract:
+    """What a node patch must be for the model: kept with the registered config (as timm keeps a
+    model's input size and normalisation in its `PretrainedCfg`), so preprocessing, export
+    manifests and verification read it from one place instead of retyping it."""
+
+    patch_shape_zyx: tuple[int, int, int] = (16, 64, 64)
+    spacing_mm_zyx: tuple[float, float, float] = (3.0, 0.8, 0.8)
+    hu_window: tuple[float, float] = (-175.0, 275.0)
+    """HU are clipped to this window and scaled to [0, 1] before the model."""
+
+    def as_dict(self) -> dict[str, Any]:
+        lo, hi = self.hu_window
+        return {**asdict(self), "scale": f"(clip(HU, {lo:g}, {hi:g}) - ({lo:g})) / {hi - lo:g}"}
+
+
+INPUTS = InputContract()
+PATCH_SHAPE = INPUTS.patch_shape_zyx
+PATCH_SPACING_MM = INPUTS.spacing_mm_zyx
+HU_WINDOW = INPUTS.hu_window
 S3_SHAPE = (16, 16, 16)
 S3_SPACING_MM = (3.0, 3.2, 3.2)
 """Grid of the soft masks: the patch after the (1, 4, 4) pooling of S2 and S3."""
@@ -56,6 +71,7 @@ class M2ANetConfig:
     head_hidden: int = 64
     dropout: float = 0.2
     eps: float = 1e-3  # keeps the pooled mean finite for an empty ring; representable in FP16
+    inputs: InputContract = INPUTS
 
 
 _REGISTRY: dict[str, M2ANetConfig] = {
@@ -322,4 +338,5 @@ def model_stats(name: str, heads: Heads = "both") -> dict[str, float]:
 
 
 def config_dict(name: str) -> dict:
-    return {"name": name, **asdict(get_config(name))}
+    """The architecture of a registered config, as training records and manifests store it."""
+    return {"name": name, **{k: v for k, v in asdict(get_config(name)).items() if k != "inputs"}}

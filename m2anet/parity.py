@@ -13,14 +13,11 @@ the reference's quality, tightened to what each precision can reach on this mode
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from m2anet.data import Cohort
-from m2anet.engines.base import Backend
 from m2anet.metrics import binary_metrics, dice, roc_auc, sigmoid
 
 
@@ -36,25 +33,20 @@ class Tier:
     min_mask_dice: float | None = None
 
 
+FP32_LOGIT_TOLERANCE = {"met_logit": 1e-4, "seg_logit": 1e-3}
+"""Max abs logit difference of an FP32 artifact: the export check and the fp32 tier use this one table."""
+
 TIERS = {
-    "fp32": Tier("fp32", met_logit_abs=1e-4, seg_logit_abs=1e-3),
+    "fp32": Tier(
+        "fp32",
+        met_logit_abs=FP32_LOGIT_TOLERANCE["met_logit"],
+        seg_logit_abs=FP32_LOGIT_TOLERANCE["seg_logit"],
+    ),
     "fp16": Tier("fp16", prob_abs=5e-3, min_mask_dice=0.99),
     "int8": Tier(
         "int8", max_flip_fraction=0.01, min_relative_accuracy=0.99, min_relative_auc=0.99, min_mask_dice=0.95
     ),
 }
-
-
-def run_cohort(
-    backend: Backend, cohort: Cohort, batch: int = 16, desc: str | None = None
-) -> list[np.ndarray]:
-    outs: list[list[np.ndarray]] = []
-    bar = tqdm(total=len(cohort), desc=desc or backend.name, unit="node", file=sys.stderr, leave=False)
-    for i in range(0, len(cohort), batch):
-        outs.append(list(backend.infer(cohort.ct[i : i + batch], cohort.mask[i : i + batch])))
-        bar.update(min(batch, len(cohort) - i))
-    bar.close()
-    return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
 
 
 def tensor_agreement(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:

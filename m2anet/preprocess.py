@@ -34,6 +34,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -166,6 +167,22 @@ def to_image(
             f"bad geometry ({first}): spacing and origin need 3 values, direction 9 (row-major)"
         ) from None
     return image
+
+
+def as_image(
+    volume: sitk.Image | np.ndarray, geometry: dict[str, Any], like: sitk.Image | None
+) -> sitk.Image:
+    """A SimpleITK image as given, or a (z, y, x) numpy volume with `geometry` (spacing, origin,
+    direction in SimpleITK's x-y-z order), or with the geometry of `like` when none is given."""
+    if isinstance(volume, sitk.Image):
+        return volume
+    if geometry["spacing"] is None:
+        if like is None:
+            raise StudyError(
+                "a numpy CT needs its geometry: pass spacing (and origin, direction), x-y-z order"
+            )
+        return to_image(volume, like.GetSpacing(), like.GetOrigin(), like.GetDirection())
+    return to_image(volume, **{k: v for k, v in geometry.items() if v is not None})
 
 
 def _check_ct(ct: sitk.Image) -> None:

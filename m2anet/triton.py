@@ -1,4 +1,4 @@
-"""`m2a-triton`: an `m2a-export` folder -> a Triton Inference Server model repository.
+"""An `m2a-export` folder -> a Triton Inference Server model repository (`m2a-triton`).
 
 Hospitals that outgrow one GPU serve the same verified artifacts from Triton rather than from a
 home-made server. The repository holds `MODEL/config.pbtxt` and `MODEL/1/model.plan` (platform
@@ -12,18 +12,15 @@ what it ran.
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from m2anet.classifier import check_parity
-from m2anet.export.manifest import ArtifactError, artifact_entry, read_manifest
 from m2anet.io import atomic_path
+from m2anet.manifest import ArtifactError, artifact_entry, artifact_name, check_parity, read_manifest
 
 PRECISION_MODE = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}
 """ONNX Runtime TensorRT accelerator `precision_mode` per artifact precision (INT8 honours the QDQ nodes)."""
@@ -82,7 +79,7 @@ def model_config(
 def pick_artifact(manifest: dict[str, Any], precision: str, fmt: str) -> str:
     """`model.PRECISION.plan` when asked for or (auto) when exported, else the ONNX graph."""
     artifacts = manifest.get("artifacts", {})
-    candidates = {"plan": [f"model.{precision}.plan"], "onnx": [f"model.{precision}.onnx"]}
+    candidates = {"plan": [artifact_name(precision, "plan")], "onnx": [artifact_name(precision, "onnx")]}
     candidates["auto"] = candidates["plan"] + candidates["onnx"]
     for name in candidates[fmt]:
         if name in artifacts:
@@ -117,44 +114,3 @@ def write_repository(
     with atomic_path(model_dir / "config.pbtxt") as tmp:
         tmp.write_text(text_format.MessageToString(config))
     return model_dir
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m2a-triton", description=__doc__.splitlines()[0])
-    ap.add_argument("folder", type=Path, help="artifact folder written by m2a-export (holds manifest.json)")
-    ap.add_argument(
-        "--out", type=Path, required=True, help="model repository to write (Triton's --model-repository)"
-    )
-    ap.add_argument("--precision", default="fp16", choices=list(PRECISION_MODE))
-    ap.add_argument("--format", dest="fmt", default="auto", choices=["auto", "plan", "onnx"])
-    ap.add_argument("--name", default="m2anet", help="model name in the repository")
-    ap.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batcher max queue delay")
-    ap.add_argument("--instances", type=int, default=1, help="model instances per GPU")
-    ap.add_argument("--allow-parity-fail", action="store_true")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.queue_delay_us < 0 or args.instances < 1:
-        parser().error("--queue-delay-us must be >= 0 and --instances >= 1")
-    try:
-        model_dir = write_repository(
-            args.folder,
-            args.out,
-            precision=args.precision,
-            fmt=args.fmt,
-            name=args.name,
-            queue_delay_us=args.queue_delay_us,
-            instances=args.instances,
-            allow_parity_fail=args.allow_parity_fail,
-        )
-    except (ArtifactError, OSError) as e:
-        print(f"m2a-triton: error: {e}", file=sys.stderr)
-        return 2
-    print(f"model repository: {model_dir.parent} (model {args.name!r}; see docs/embedding.md to serve it)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,49 +1,76 @@
-"""`m2a-verify`: is a deployed artifact clinically equivalent to the PyTorch FP32 reference?
+"""Is a deployed artifact clinically equivalent to the PyTorch FP32 reference? (`m2a-verify`)
 
 Runs the reference and the candidate on the same labelled synthetic nodes and reports tensor
 agreement, the nodes whose diagnosis changes, task metrics side by side (with a bootstrap
 interval of the AUC change), and stress inputs no split contains (random masks, empty
 background, extreme HU, the profile's largest batch) where FP16 overflow or INT8 saturation
-would show. Exit 0 on pass, 1 on fail (failing criteria first), 2 on bad input.
+would show.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 
-from m2anet.data import SPLITS, Cohort, load_split
-from m2anet.engines import Backend, open_backend
-from m2anet.engines.spec import SPEC_HELP, artifact_path
+from m2anet.data import Cohort, hu_to_input, load_split
+from m2anet.engines import Backend, BackendSpec, open_backend, run_cohort
+from m2anet.export.diagnose import diagnose_int8
 from m2anet.io import atomic_path, write_json
+from m2anet.manifest import artifact_entry, read_manifest, verified_weights
 from m2anet.metrics import sigmoid
-from m2anet.model import list_models
-from m2anet.parity import TIERS, compare, run_cohort
+from m2anet.parity import TIERS, compare
 from m2anet.weights import training_record
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 
 STRESS_PROB_ABS = 0.05
 """On inputs outside the data distribution only gross disagreement (overflow, saturation) fails."""
 
 
-def artifact_context(spec: str) -> dict[str, Any]:
-    """Model, heads, weights, threshold and precision of the artifact a spec opens (if any)."""
-    from m2anet.export.manifest import artifact_entry, read_manifest
+@dataclass
+class VerifyOptions:
+    """What `m2a-verify` takes; every field but `backend` has the command line's default."""
 
-    path = artifact_path(spec)
-    if not path:
+    backend: str
+    reference: str = "torch:cpu"
+    model: str = "m2anet_base"
+    heads: str = "both"
+    split: str = "test"
+    n: int | None = None
+    tier: str = "auto"
+    threshold: float | None = None
+    seed: int = 0
+    stress: bool = True
+    stress_batch: int | None = None
+    diagnose: bool = False
+
+
+@dataclass
+class Verification:
+    report: dict[str, Any]
+    """JSON-ready: tensor error, flips, metrics, stress rows, pass/fail and why."""
+    reference_probability: np.ndarray
+    candidate_probability: np.ndarray
+    label: np.ndarray
+
+
+def artifact_context(spec: BackendSpec) -> dict[str, Any]:
+    """Model, heads, weights, threshold and precision of the artifact a spec opens (if any)."""
+    path = spec.artifact
+    if path is None:
         return {}
     entry = artifact_entry(path, verify=False)  # the backend verifies the hash when it opens
-    manifest = read_manifest(Path(path).parent)
+    manifest = read_manifest(path.parent)
     m = manifest["model"]
     return {
         "model_name": m["name"],
         "heads": m["heads"],
-        "weights": m["weights"],
+        "weights": str(verified_weights(m)),
         "threshold": m["threshold"],
         "precision": entry["precision"],
         "max_batch": manifest["batch_profile"]["max"],
@@ -62,7 +89,7 @@ def stress_inputs(cohort: Cohort, batch: int, seed: int = 0) -> dict[str, tuple[
     reps = -(-batch // len(cohort))
     return {
         "random masks": (ct, random_masks),
-        "all-background patch": (np.full_like(ct, (-100.0 + 175.0) / 450.0), blob),
+        "all-background patch": (np.full_like(ct, hu_to_input(np.float32(-100.0))), blob),
         "extreme HU (all >= 275)": (np.ones_like(ct), blob),
         "extreme HU (all <= -175)": (np.zeros_like(ct), blob),
         "extreme HU (checkerboard)": (
@@ -95,47 +122,52 @@ def stress(reference: Backend, candidate: Backend, cohort: Cohort, batch: int) -
     return rows
 
 
-def verify(args: argparse.Namespace) -> dict:
-    ctx = artifact_context(args.backend)
-    model_name = ctx.get("model_name", args.model)
-    heads = ctx.get("heads", args.heads)
-    weights = ctx.get("weights")
-    threshold = args.threshold or ctx.get("threshold") or training_record(model_name)["threshold"]
-    precision = ctx.get("precision") or (
-        args.backend.split(":")[2] if args.backend.count(":") >= 2 else "fp32"
-    )
-    tier_name = precision if args.tier == "auto" else args.tier
-    if tier_name not in TIERS:
-        raise ValueError(f"no parity tier for precision {tier_name!r}: pass --tier fp32|fp16|int8")
-    model_opts = {"model_name": model_name, "heads": heads, "weights": weights}
-    cohort = load_split(args.split, n=args.n)
-    cand_opts = {} if ctx else model_opts
+def verify(options: VerifyOptions) -> Verification:
+    """Run reference and candidate on the same nodes and judge the candidate by its precision's tier;
+    with `diagnose`, a failing INT8 graph also gets the layers to keep in FP32."""
+    spec = BackendSpec.parse(options.backend)
+    ctx = artifact_context(spec)
+    model_name = ctx.get("model_name", options.model)
+    heads = ctx.get("heads", options.heads)
+    threshold = options.threshold or ctx.get("threshold") or training_record(model_name)["threshold"]
+    model_opts = {"model_name": model_name, "heads": heads, "weights": ctx.get("weights")}
+    cohort = load_split(options.split, n=options.n)
+    cand_opts = model_opts if spec.kind.startswith("torch") else {}  # artifacts and servers know their model
     with (
-        open_backend(args.reference, **model_opts) as reference,
-        open_backend(args.backend, **cand_opts) as cand,
+        open_backend(options.reference, **model_opts) as reference,
+        open_backend(spec, **cand_opts) as cand,
     ):
+        precision = ctx.get("precision") or spec.precision or cand.precision
+        tier_name = precision if options.tier == "auto" else options.tier
+        if tier_name not in TIERS:
+            raise ValueError(f"no parity tier for precision {tier_name!r}: pass --tier fp32|fp16|int8")
         ref_out = run_cohort(reference, cohort, desc=f"reference {reference.name}")
         cand_out = run_cohort(cand, cohort, desc=f"candidate {cand.name}")
-        report = compare(ref_out, cand_out, cohort, float(threshold), TIERS[tier_name], seed=args.seed)
-        if args.stress:
-            report["stress"] = stress(reference, cand, cohort, args.stress_batch or ctx.get("max_batch", 32))
+        report = compare(ref_out, cand_out, cohort, float(threshold), TIERS[tier_name], seed=options.seed)
+        if options.stress:
+            batch = options.stress_batch or ctx.get("max_batch", 32)
+            report["stress"] = stress(reference, cand, cohort, batch)
             bad = [r["case"] for r in report["stress"] if not r["passed"]]
             if bad:
                 report["failures"].append(f"stress inputs disagree or overflow: {', '.join(bad)}")
                 report["passed"] = False
     report.update(
         {
-            "candidate_spec": args.backend,
-            "reference_spec": args.reference,
+            "candidate_spec": options.backend,
+            "reference_spec": options.reference,
             "model": model_name,
             "heads": heads,
-            "split": args.split,
+            "split": options.split,
             "cohort_sha256": cohort.sha256(),
         }
     )
-    report["_probabilities"] = (sigmoid(ref_out[0][:, 0]), sigmoid(cand_out[0][:, 0]), cohort.label)
-    report["_reference_outputs"] = ref_out
-    return report
+    if options.diagnose and not report["passed"]:
+        if spec.kind != "ort" or spec.artifact is None:
+            raise ValueError(
+                "--diagnose needs an INT8 ONNX artifact: m2a-verify ort:cpu:FOLDER/model.int8.onnx"
+            )
+        report["diagnosis"] = diagnose_int8(spec.artifact, ref_out, cohort, float(threshold))
+    return Verification(report, sigmoid(ref_out[0][:, 0]), sigmoid(cand_out[0][:, 0]), cohort.label)
 
 
 def summary_table(r: dict) -> str:
@@ -181,13 +213,10 @@ def render_text(r: dict) -> str:
     return "\n".join(out)
 
 
-def write_report(r: dict, folder: Path) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    p_ref, p_cand, label = r["_probabilities"]
+def write_report(v: Verification, folder: Path) -> dict[str, Path]:
+    """verify.json, verify.md and verify.png (per-node probabilities and reliability diagram)."""
+    r = v.report
+    p_ref, p_cand, label = v.reference_probability, v.candidate_probability, v.label
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.5))
     ax1.scatter(p_ref, p_cand, s=8, c=np.where(label == 1, "tab:red", "tab:blue"), alpha=0.7)
     ax1.plot([0, 1], [0, 1], "k--", lw=0.8)
@@ -208,7 +237,7 @@ def write_report(r: dict, folder: Path) -> dict[str, Path]:
     with atomic_path(paths["plot"]) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    write_json(paths["json"], public(r))
+    write_json(paths["json"], r)
     md = [
         f"# Parity: {r['candidate_spec']}",
         "",
@@ -224,54 +253,3 @@ def write_report(r: dict, folder: Path) -> dict[str, Path]:
     with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text("\n".join(md))
     return paths
-
-
-def public(r: dict) -> dict:
-    return {k: v for k, v in r.items() if not k.startswith("_")}
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m2a-verify", description=__doc__.splitlines()[0])
-    ap.add_argument("backend", metavar="BACKEND_SPEC", help=SPEC_HELP)
-    ap.add_argument("--reference", default="torch:cpu")
-    ap.add_argument("--model", default="m2anet_base", choices=list_models(), help="for torch specs")
-    ap.add_argument("--heads", default="both", choices=["both", "cls"], help="for torch specs")
-    ap.add_argument("--split", default="test", choices=list(SPLITS))
-    ap.add_argument("--n", type=int, default=None, help="first N nodes of the split (default: all)")
-    ap.add_argument("--tier", default="auto", choices=["auto", *TIERS])
-    ap.add_argument("--threshold", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    ap.add_argument("--no-stress", dest="stress", action="store_false")
-    ap.add_argument("--stress-batch", type=int, default=None, help="default: the profile's max batch")
-    ap.add_argument("--json", action="store_true", help="print the JSON report on stdout")
-    ap.add_argument("--report", type=Path, default=None, help="write verify.json/.md/.png here")
-    ap.add_argument("--diagnose", action="store_true", help="INT8: find the layers to keep in FP32")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.n is not None and args.n < 2:
-        parser().error("--n must be >= 2 (AUC needs both classes)")
-    try:
-        report = verify(args)
-        if args.diagnose and not report["passed"]:
-            from m2anet.export.diagnose import diagnose_int8
-
-            report["diagnosis"] = diagnose_int8(args, report)
-    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
-        print(f"m2a-verify: error: {e}", file=sys.stderr)
-        return 2
-    if args.report:
-        write_report(report, args.report)
-    if args.json:
-        print(json.dumps(public(report), indent=2))
-    else:
-        print(render_text(report))
-        if "diagnosis" in report:
-            print(report["diagnosis"]["advice"])
-    return 0 if report["passed"] else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

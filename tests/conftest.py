@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from m2anet.cli import export as cli
 from m2anet.data import load_split
-from m2anet.export import cli
 
 
 @pytest.fixture(autouse=True)

@@ -16,9 +16,11 @@ import sys
 import pytest
 import torch
 
-from m2anet.bench import cli, floor, scenarios, targets, telemetry
+from m2anet.bench import floor, scenarios, telemetry
 from m2anet.bench.stats import percentile, summarize
-from m2anet.export.manifest import read_manifest
+from m2anet.cli import bench as cli
+from m2anet.engines import BackendSpec, environment
+from m2anet.manifest import read_manifest
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -80,9 +82,11 @@ def test_peaks_are_measured_on_this_cpu():
 # --- telemetry --------------------------------------------------------------------------------
 @pytest.fixture
 def fresh_nvml():
-    telemetry.nvml_unavailable.cache_clear()
+    environment.nvml_missing_reason.cache_clear()
+    telemetry.say_nvml_missing.cache_clear()
     yield
-    telemetry.nvml_unavailable.cache_clear()
+    environment.nvml_missing_reason.cache_clear()
+    telemetry.say_nvml_missing.cache_clear()
 
 
 def test_nvml_failure_is_one_line_without_traceback(monkeypatch, capsys, fresh_nvml):
@@ -95,7 +99,7 @@ def test_nvml_failure_is_one_line_without_traceback(monkeypatch, capsys, fresh_n
             pass
         summary = tel.summary(nodes=10)
         assert summary["available"] is False and "Not Found" in summary["reason"]
-    assert telemetry.driver_version() is None
+    assert environment.driver_version() is None
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("m2a-bench: NVML unavailable")
     assert "Traceback" not in err
@@ -133,7 +137,7 @@ def test_telemetry_summary_flags_throttling_and_energy():
 
 @needs_gpu
 def test_gpu_telemetry_samples_a_busy_gpu(fresh_nvml):
-    if telemetry.nvml_unavailable():
+    if environment.nvml_missing_reason():
         pytest.skip("NVML unavailable")
     a = torch.randn(4096, 4096, device="cuda")
     with telemetry.Telemetry("cuda", interval_s=0.01) as tel:
@@ -193,15 +197,15 @@ def test_gpu_scenarios_split_copies_from_compute():
 
 # --- targets ----------------------------------------------------------------------------------
 def test_backend_options_and_labels():
-    t = targets.parse("torch:cpu@pad_single=false")
-    assert t == targets.Target("torch:cpu", {"pad_single": False}) and t.label == "torch:cpu@pad_single=false"
-    t = targets.parse("torch-compile:cuda@cuda_graphs=true,channels_last=1")
+    t = BackendSpec.parse("torch:cpu@pad_single=false")
+    assert t == BackendSpec("torch:cpu", {"pad_single": False}) and t.label == "torch:cpu@pad_single=false"
+    t = BackendSpec.parse("torch-compile:cuda@cuda_graphs=true,channels_last=1")
     assert t.options == {"cuda_graphs": True, "channels_last": 1}
-    t = targets.parse("ort:cpu:/somewhere/m2anet_small/model.fp32.onnx")
+    t = BackendSpec.parse("ort:cpu:/somewhere/m2anet_small/model.fp32.onnx")
     assert t.label == "ort:cpu:m2anet_small/model.fp32.onnx" and t.artifact.name == "model.fp32.onnx"
-    assert targets.parse("trt:a/m/model.fp16.plan").label == "trt:m/model.fp16.plan"
+    assert BackendSpec.parse("trt:a/m/model.fp16.plan").label == "trt:m/model.fp16.plan"
     with pytest.raises(ValueError, match="key=value"):
-        targets.parse("torch:cpu@=1")
+        BackendSpec.parse("torch:cpu@=1")
 
 
 # --- end to end on the CPU --------------------------------------------------------------------

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from m2anet import NodeClassifier, predict
+from m2anet import NodeClassifier
+from m2anet.cli import predict
 from m2anet.data import make_study
-from m2anet.export.manifest import ArtifactError, read_manifest, write_manifest
 from m2anet.io import sha256_file
+from m2anet.manifest import ArtifactError, read_manifest, write_manifest
 from m2anet.preprocess import PreparedStudy, StudyError, prepare_study, read_image, short_axis_mm, to_image
 from m2anet.weights import shipped_weights
 

@@ -1,6 +1,6 @@
 """TensorRT build and runtime.
 
-Tests marked `needs_trt` build a real engine and skip, with `tensorrt_unavailable()`'s reason, where
+Tests marked `needs_trt` build a real engine and skip, with `tensorrt_missing_reason()`'s reason, where
 TensorRT or a CUDA GPU is missing; the others check what must hold everywhere: the modules import
 without TensorRT, and a plan that fails its manifest is refused before TensorRT is touched.
 """
@@ -18,13 +18,14 @@ import pytest
 import torch
 
 from m2anet import create_model
+from m2anet.engines.environment import tensorrt_missing_reason
 from m2anet.engines.trt_backend import TensorRTBackend, _compatible_versions
-from m2anet.export.manifest import MANIFEST, ArtifactError, write_manifest
-from m2anet.export.tensorrt_build import build_engine, tensorrt_unavailable
+from m2anet.export.tensorrt_build import build_engine
 from m2anet.io import sha256_file
+from m2anet.manifest import MANIFEST, ArtifactError, write_manifest
 from m2anet.model import PATCH_SHAPE
 
-REASON = tensorrt_unavailable()
+REASON = tensorrt_missing_reason()
 needs_trt = pytest.mark.skipif(REASON is not None, reason=f"needs TensorRT and a GPU: {REASON}")
 PROFILE = (1, 4, 8)
 
@@ -61,7 +62,7 @@ def test_modules_import_without_tensorrt():
     code = (
         "import sys; sys.modules['tensorrt'] = None\n"
         "import m2anet.engines.trt_backend, m2anet.export.tensorrt_build as b\n"
-        "print(b.tensorrt_unavailable())"
+        "print(b.tensorrt_missing_reason())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("tensorrt is not installed")

@@ -9,10 +9,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from m2anet import NodeClassifier, triton
+from m2anet.cli import triton as triton_cli
 from m2anet.data import make_study
 from m2anet.engines import open_backend
-from m2anet.export.manifest import ArtifactError, read_manifest, write_manifest
 from m2anet.io import sha256_file
+from m2anet.manifest import ArtifactError, read_manifest, write_manifest
 from m2anet.preprocess import prepare_study
 
 
@@ -23,7 +24,10 @@ def _parse(model_dir):
 @pytest.fixture(scope="module")
 def repo(small, tmp_path_factory):
     out = tmp_path_factory.mktemp("triton")
-    assert triton.main([str(small), "--out", str(out), "--precision", "fp32", "--queue-delay-us", "500"]) == 0
+    assert (
+        triton_cli.main([str(small), "--out", str(out), "--precision", "fp32", "--queue-delay-us", "500"])
+        == 0
+    )
     return out
 
 
@@ -84,9 +88,9 @@ def test_unverified_artifacts_are_refused(small, tmp_path, capsys):
     manifest = read_manifest(small)
     (folder / "model.fp32.onnx").write_bytes((small / "model.fp32.onnx").read_bytes() + b"\0")
     write_manifest(folder, manifest)
-    assert triton.main([str(folder), "--out", str(tmp_path / "repo"), "--precision", "fp32"]) == 2
+    assert triton_cli.main([str(folder), "--out", str(tmp_path / "repo"), "--precision", "fp32"]) == 2
     assert "corrupted or was replaced" in capsys.readouterr().err
-    assert triton.main([str(folder), "--out", str(tmp_path / "repo"), "--precision", "int8"]) == 2
+    assert triton_cli.main([str(folder), "--out", str(tmp_path / "repo"), "--precision", "int8"]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "repo" / "m2anet" / "config.pbtxt").exists()
 

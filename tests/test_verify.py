@@ -4,9 +4,9 @@ import numpy as np
 import onnx
 import pytest
 
-from m2anet import verify
-from m2anet.export.manifest import read_manifest, write_manifest
+from m2anet.cli import verify
 from m2anet.io import sha256_file
+from m2anet.manifest import read_manifest, write_manifest
 from m2anet.parity import TIERS, Tier, bootstrap_auc_difference
 
 

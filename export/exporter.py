@@ -1,46 +1,97 @@
-"""`m2a-export`: reference model -> verified FP32/FP16/INT8 ONNX graphs -> TensorRT engines.
+"""Reference model -> verified FP32/FP16/INT8 ONNX graphs -> TensorRT engines, in one artifact folder.
 
 Precision is decided in the ONNX graph and verified on ONNX Runtime before TensorRT sees it;
 TensorRT then builds exactly the types it is given (strongly typed networks, as TensorRT 11
-requires). Artifacts whose recipe and hash still match the manifest are reused.
+requires). Artifacts whose recipe and hash still match the manifest are reused. `m2a-export` is
+the command line over `export_artifacts`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime
-import torch
 from tqdm import tqdm
 
 from m2anet.data import load_split
-from m2anet.engines.base import Backend
+from m2anet.engines.base import Backend, run_cohort
+from m2anet.engines.environment import library_versions, tensorrt_missing_reason
 from m2anet.engines.ort_backend import OrtBackend
 from m2anet.engines.torch_backend import TorchBackend
+from m2anet.engines.trt_backend import TensorRTBackend
 from m2anet.export.fp16 import convert_fp16
-from m2anet.export.int8 import CALIB_METHODS, Calibration, quantize_int8
-from m2anet.export.manifest import ArtifactError, read_manifest, write_manifest
-from m2anet.export.onnx_export import FP32_TOLERANCE, ExportError, export_fp32, io_signature, max_abs_diff
+from m2anet.export.int8 import Calibration, quantize_int8
+from m2anet.export.onnx_export import ExportError, export_fp32, io_signature, max_abs_diff
+from m2anet.export.tensorrt_build import build_engine
 from m2anet.io import sha256_file
-from m2anet.model import config_dict, create_model, list_models
-from m2anet.parity import TIERS, compare, run_cohort
-from m2anet.weights import WeightsError, shipped_weights, training_record
+from m2anet.manifest import PRECISIONS, ArtifactError, artifact_name, read_manifest, write_manifest
+from m2anet.model import config_dict, create_model, get_config
+from m2anet.parity import FP32_LOGIT_TOLERANCE, TIERS, compare
+from m2anet.weights import shipped_weights, training_record
 
-PRECISIONS = ("fp32", "fp16", "int8")
+
+@dataclass
+class ExportOptions:
+    """What `m2a-export` takes; every field has the command line's default."""
+
+    model: str = "m2anet_base"
+    weights: Path | None = None
+    heads: str = "both"
+    out: Path = Path("artifacts")
+    batch: tuple[int, int, int] = (1, 32, 128)
+    force: bool = False
+    threshold: float | None = None
+    parity_nodes: int = 192
+    threads: int | None = None
+    calib_method: str = "max"
+    calib_size: int = 128
+    int8_target: str = "tensorrt"
+    int8_exclude: list[str] = field(default_factory=list)
+    allow_parity_fail: bool = False
+    fp16_keep: list[str] = field(default_factory=list)
+    opt_level: int = 3
+    version_compatible: bool = False
+    hardware_compatible: bool = False
+    quiet: bool = False
+    command: str = "m2a-export"
+    """Recorded in the manifest: the exact command that built the folder."""
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    manifest: Path
+    stages: list[dict]
+    parity_failed: list[str]
+    """Precisions whose artifact failed its parity tier (no engine was built from them)."""
+
+
+def export_artifacts(options: ExportOptions, precisions: tuple[str, ...] = PRECISIONS) -> ExportResult:
+    """Build (or reuse) the ONNX graph and, where TensorRT runs, the engine of each precision.
+
+    FP32 is always built first: the others are derived from it. An artifact that fails its
+    parity tier is recorded with the failure and gets no engine."""
+    exporter = Exporter(options)
+    failed = []
+    for precision in dict.fromkeys(("fp32", *precisions)):
+        entry = exporter.onnx_artifact(precision)
+        if not entry["parity"]["passed"]:
+            failed.append(precision)
+            continue
+        exporter.engine(precision)
+    manifest = exporter.write_manifest()
+    return ExportResult(exporter.folder, manifest, exporter.stages, failed)
 
 
 class Exporter:
     """Builds one artifact folder; keeps the state the stages share (model, manifest, reference)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: ExportOptions) -> None:
         self.args = args
         self.model = create_model(
             args.model, pretrained=args.weights is None, heads=args.heads, weights=args.weights
@@ -68,7 +119,7 @@ class Exporter:
 
     def log(self, stage: str, text: str, seconds: float) -> None:
         self.stages.append({"stage": stage, "result": text, "seconds": round(seconds, 2)})
-        if not self.args.quiet and not self.args.json:
+        if not self.args.quiet:
             print(f"[{stage:>10}] {text} ({seconds:.1f} s)", file=sys.stderr, flush=True)
 
     def reusable(self, name: str, recipe: dict) -> dict | None:
@@ -107,7 +158,7 @@ class Exporter:
         return entry
 
     def onnx_artifact(self, precision: str) -> dict:
-        name = f"model.{precision}.onnx"
+        name = artifact_name(precision, "onnx")
         path = self.folder / name
         recipe: dict[str, Any] = {"weights_sha256": self.weights_sha, "heads": self.args.heads}
         if precision != "fp32":
@@ -124,12 +175,12 @@ class Exporter:
         if precision == "fp32":
             export_fp32(self.model, path, max_batch=max(1024, self.args.batch[2]))
             diff = max_abs_diff(self.model, path)
-            bad = [k for k, v in diff.items() if v > FP32_TOLERANCE[k]]
+            bad = [k for k, v in diff.items() if v > FP32_LOGIT_TOLERANCE[k]]
             if bad:
                 path.unlink()
                 raise ExportError(
                     f"exported {bad[0]} differs from PyTorch by {diff[bad[0]]:.2e} "
-                    f"(> {FP32_TOLERANCE[bad[0]]:g}): report this with the model config"
+                    f"(> {FP32_LOGIT_TOLERANCE[bad[0]]:g}): report this with the model config"
                 )
             extra["torch_max_abs_diff"] = diff
         elif precision == "fp16":
@@ -166,14 +217,12 @@ class Exporter:
         )
 
     def engine(self, precision: str) -> None:
-        from m2anet.export.tensorrt_build import build_engine, tensorrt_unavailable
-
-        reason = tensorrt_unavailable()
+        reason = tensorrt_missing_reason()
         if reason:
             self.log(precision, f"engine step skipped: {reason}", 0.0)
             return
-        source = f"model.{precision}.onnx"
-        name = f"model.{precision}.plan"
+        source = artifact_name(precision, "onnx")
+        name = artifact_name(precision, "plan")
         a = self.args
         recipe = {
             "source_sha256": self.artifacts[source]["sha256"],
@@ -196,7 +245,7 @@ class Exporter:
             opt_level=a.opt_level,
             version_compatible=a.version_compatible,
             hardware_compatible=a.hardware_compatible,
-            progress=not (a.quiet or a.json),
+            progress=not a.quiet,
         )
         self.record(
             name,
@@ -205,8 +254,6 @@ class Exporter:
             {"source": source, "tensorrt": info, **io_signature(self.folder / source)},
         )
         self.log(precision, f"{name} built", time.perf_counter() - t0)
-        from m2anet.engines.trt_backend import TensorRTBackend
-
         with TensorRTBackend(self.folder / name) as backend:
             self.artifacts[name]["parity"] = self.parity(backend, precision)
 
@@ -223,126 +270,10 @@ class Exporter:
                     "threshold": self.threshold,
                 },
                 "batch_profile": dict(zip(("min", "opt", "max"), a.batch, strict=True)),
-                "preprocessing": {
-                    "patch_shape_zyx": [16, 64, 64],
-                    "spacing_mm_zyx": [3.0, 0.8, 0.8],
-                    "hu_window": [-175.0, 275.0],
-                    "scale": "(clip(HU) + 175) / 450",
-                },
-                "tools": {
-                    "torch": torch.__version__,
-                    "onnx": onnx.__version__,
-                    "onnxruntime": onnxruntime.__version__,
-                },
-                "command": shlex.join(["m2a-export", *a.argv]),
+                "preprocessing": get_config(a.model).inputs.as_dict(),
+                "tools": library_versions(("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")),
+                "command": a.command,
                 "artifacts": self.artifacts,
                 "stages": self.stages,
             },
         )
-
-
-def _batch(text: str) -> tuple[int, int, int]:
-    try:
-        lo, opt, hi = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch {text!r}: give MIN,OPT,MAX such as 1,32,128") from None
-    if not 1 <= lo <= opt <= hi:
-        raise argparse.ArgumentTypeError(f"--batch {text!r}: need 1 <= MIN <= OPT <= MAX")
-    return lo, opt, hi
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m2a-export", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="m2anet_base", choices=list_models())
-    ap.add_argument("--weights", help="a .safetensors or .pt state dict (default: the shipped weights)")
-    ap.add_argument("--heads", default="both", choices=["both", "cls"])
-    ap.add_argument(
-        "--precision",
-        default="fp16",
-        choices=[*PRECISIONS, "all", "best"],
-        help="best: export all, then m2a-bench --select records the fastest that passes parity",
-    )
-    ap.add_argument("--out", type=Path, default=Path("artifacts"))
-    ap.add_argument("--batch", type=_batch, default=(1, 32, 128), help="TensorRT profile MIN,OPT,MAX")
-    ap.add_argument("--force", action="store_true", help="rebuild even what the manifest says is valid")
-    ap.add_argument("--threshold", type=float, help="decision threshold (default: the weights' record)")
-    ap.add_argument("--parity-nodes", type=int, default=192, help="test-split nodes for the parity check")
-    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
-    g = ap.add_argument_group("int8")
-    g.add_argument("--calib-method", default="max", choices=list(CALIB_METHODS))
-    g.add_argument("--calib-size", type=int, default=128, help="calibration nodes from the calib split")
-    g.add_argument("--int8-target", default="tensorrt", choices=["tensorrt", "cpu"])
-    g.add_argument(
-        "--int8-exclude", nargs="*", default=[], metavar="NODE", help="ONNX node names kept in FP32"
-    )
-    g.add_argument("--allow-parity-fail", action="store_true", help="keep an INT8 graph that fails its tier")
-    g = ap.add_argument_group("fp16")
-    g.add_argument("--fp16-keep", nargs="*", default=[], metavar="NODE", help="ONNX node names kept in FP32")
-    g = ap.add_argument_group("tensorrt")
-    g.add_argument("--opt-level", type=int, default=3, choices=range(6), help="builder_optimization_level")
-    g.add_argument("--version-compatible", action="store_true")
-    g.add_argument("--hardware-compatible", action="store_true")
-    ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
-    args.argv = argv
-    if args.calib_size < args.batch[0] or args.parity_nodes < 1:
-        parser().error("--calib-size and --parity-nodes must be positive")
-    if args.precision == "best" and args.heads != "both":
-        parser().error("--precision best benchmarks the two-head artifacts: drop --heads cls")
-    precisions = PRECISIONS if args.precision in ("all", "best") else ("fp32", args.precision)
-    try:
-        exporter = Exporter(args)
-        failed = []
-        for precision in dict.fromkeys(precisions):
-            entry = exporter.onnx_artifact(precision)
-            if not entry["parity"]["passed"]:
-                failed.append(precision)
-                continue
-            exporter.engine(precision)
-        manifest = exporter.write_manifest()
-    except (ExportError, ArtifactError, WeightsError, ValueError, RuntimeError) as e:
-        print(f"m2a-export: error: {e}", file=sys.stderr)
-        return 2
-    hard = [p for p in failed if p != "int8" or not args.allow_parity_fail]
-    if args.json:
-        print(
-            json.dumps(
-                {"manifest": str(manifest), "stages": exporter.stages, "parity_failed": failed}, indent=2
-            )
-        )
-    elif not args.quiet:
-        print(f"manifest: {manifest}")
-    if hard:
-        print(
-            f"m2a-export: error: {', '.join(hard)} failed its parity tier; for int8 try --calib-method, "
-            "--calib-size, --int8-exclude (see m2a-verify --diagnose) or pass --allow-parity-fail",
-            file=sys.stderr,
-        )
-        return 1
-    if args.precision == "best":
-        from m2anet.bench.cli import main as bench
-
-        threads = ["--threads", str(args.threads)] if args.threads else []
-        return bench(
-            [
-                "--model",
-                args.model,
-                "--artifacts",
-                str(args.out),
-                "--select",
-                "--scenario",
-                "single",
-                *threads,
-            ]
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

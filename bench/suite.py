@@ -1,0 +1,189 @@
+"""A benchmark run: every chosen backend through every chosen scenario, next to the hardware's floor.
+
+The report is rebuilt and saved after each backend, so a run cut short keeps what it measured.
+The benchmarks measure; they never export: a folder without artifacts is an error that names the
+`m2a-export` command to run.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from m2anet.bench import env, floor, report, scenarios, targets
+from m2anet.bench.scenarios import SCENARIOS, Inputs, Settings
+from m2anet.engines import BackendSpec
+from m2anet.manifest import MANIFEST, ArtifactError, read_manifest
+from m2anet.model import model_stats
+
+
+@dataclass
+class BenchOptions:
+    """What `m2a-bench` takes; every field has the command line's default."""
+
+    model: str = "m2anet_base"
+    artifacts: Path = Path("artifacts")
+    backends: list[str] | None = None
+    """Specs (`SPEC@key=value,...`); None: every backend that runs here on the model's artifacts."""
+    scenario: str = "all"
+    duration_s: float = 5.0
+    min_queries: int = 10
+    warmup_s: float = 1.0
+    batches: tuple[int, ...] | None = None
+    """Offline sweep; None: 1, 2, 4, ... up to the manifest's profile maximum."""
+    study_nodes: int = 24
+    threads: int | None = None
+    out: Path | None = None
+    matmul_size: int | None = None
+    copy_mib: int | None = None
+    command: list[str] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return self.artifacts / self.model
+
+
+@dataclass
+class BenchRun:
+    report: dict[str, Any]
+    paths: dict[str, Path]
+    failed: list[str]
+    """Backends that could not run here (named in the report)."""
+
+
+def artifact_folder(options: BenchOptions) -> Path:
+    folder = options.folder
+    if not (folder / MANIFEST).is_file():
+        threads = f" --threads {options.threads}" if options.threads else ""
+        raise ArtifactError(
+            f"no artifacts in {folder}: run m2a-export --model {options.model} --precision all "
+            f"--out {options.artifacts}{threads} first"
+        )
+    return folder
+
+
+def _sweep(chosen: list[BackendSpec], folder: Path) -> tuple[int, ...]:
+    """1, 2, 4, ... up to the TensorRT profile maximum recorded by m2a-export (128 without one)."""
+    folders = [t.artifact.parent for t in chosen if t.artifact is not None] or [folder]
+    try:
+        top = int(read_manifest(folders[0])["batch_profile"]["max"])
+    except (ArtifactError, KeyError):
+        top = 128
+    return tuple(2**i for i in range(top.bit_length()))
+
+
+def plan(options: BenchOptions) -> tuple[list[BackendSpec], Settings]:
+    """The targets and settings of a run; ValueError or ArtifactError (one line each) on bad input."""
+    if options.backends:
+        chosen = [BackendSpec.parse(t) for t in options.backends]
+    else:
+        chosen = targets.discover(artifact_folder(options))
+    settings = Settings(
+        duration_s=options.duration_s,
+        min_queries=options.min_queries,
+        warmup_s=options.warmup_s,
+        study_nodes=options.study_nodes,
+        batches=options.batches or _sweep(chosen, options.folder),
+    )
+    return chosen, settings
+
+
+def describe(target: BackendSpec, model: str) -> dict[str, Any]:
+    """What the report needs to know of a target before it is opened (so a failure is still named)."""
+    info: dict[str, Any] = {
+        "backend": target.label,
+        "spec": target.spec,
+        "options": target.options,
+        "model": target.options.get("model_name", model),
+        "heads": target.options.get("heads", "both"),
+        "artifact": None,
+        "parity_passed": None,
+        "device_kind": "cuda"
+        if target.kind == "trt" or (target.device or "").startswith(("cuda", "trt"))
+        else "cpu",
+        "steps": [],
+        "error": None,
+    }
+    if target.artifact is not None:
+        info["artifact"] = str(target.artifact)
+        try:
+            manifest = read_manifest(target.artifact.parent)
+        except ArtifactError:
+            return info
+        info["model"], info["heads"] = manifest["model"]["name"], manifest["model"]["heads"]
+        parity = manifest.get("artifacts", {}).get(target.artifact.name, {}).get("parity")
+        info["parity_passed"] = None if parity is None else bool(parity.get("passed"))
+    return info
+
+
+def measure_targets(
+    options: BenchOptions, chosen: list[BackendSpec], settings: Settings
+) -> Iterator[dict[str, Any]]:
+    """Each target's description and steps, one target at a time, so a report can be saved after each."""
+    chosen_scenarios = SCENARIOS if options.scenario == "all" else (options.scenario,)
+    steps = scenarios.plan(chosen_scenarios, settings)
+    inputs = Inputs(settings.pool)
+    bar = tqdm(total=len(chosen) * len(steps), desc="m2a-bench", unit="step", file=sys.stderr)
+    for target in chosen:
+        info = describe(target, options.model)
+        bar.set_description(target.label)
+        done = bar.n
+        try:
+            t0 = time.perf_counter()
+            with targets.open_target(target, options.model, options.threads) as backend:
+                info.update(
+                    device=backend.device,
+                    device_kind="cuda" if scenarios.is_cuda(backend) else "cpu",
+                    precision=backend.precision,
+                    open_s=time.perf_counter() - t0,
+                )
+                info["steps"] = scenarios.run_backend(
+                    backend, chosen_scenarios, settings, inputs, lambda *_: bar.update(1)
+                )
+        except Exception as e:  # one backend that cannot run here must not cost the others' numbers
+            first = (str(e).strip().splitlines() or [""])[0]
+            info["error"] = f"{type(e).__name__}: {first}"
+            info["steps"] = []
+            bar.update(done + len(steps) - bar.n)
+        yield info
+    bar.close()
+
+
+def measure_floors(options: BenchOptions, chosen: list[BackendSpec]) -> dict[str, floor.Peaks]:
+    """Measured before the backends run, so a run cut short still saves a complete report."""
+    kinds = dict.fromkeys(describe(t, options.model)["device_kind"] for t in chosen)
+    if not torch.cuda.is_available():
+        kinds.pop("cuda", None)  # those targets fail to open and say so in the report
+    copy_bytes = options.copy_mib << 20 if options.copy_mib else None
+    return {k: floor.measure(k, options.matmul_size, copy_bytes) for k in kinds}
+
+
+def run_bench(options: BenchOptions) -> BenchRun:
+    """Measure, then write bench.json, bench.md and the plots to `options.out` (default
+    ARTIFACTS/MODEL/bench); ValueError or ArtifactError before anything runs on bad input."""
+    chosen, settings = plan(options)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    out = options.out or options.folder / "bench"
+    floors, environment = measure_floors(options, chosen), env.capture(options.threads)
+    command = shlex.join(["m2a-bench", *options.command])
+    results: list[dict[str, Any]] = []
+    models: dict[str, dict[str, float]] = {}
+    full: dict[str, Any] = {}
+    paths: dict[str, Path] = {}
+    for info in measure_targets(options, chosen, settings):
+        results.append(info)
+        if not info["error"]:
+            key = report.model_key(info["model"], info["heads"])
+            models[key] = models.get(key) or model_stats(info["model"], info["heads"])
+        full = report.build(environment, floors, models, results, asdict(settings), command)
+        paths = report.write(full, out, plots=len(results) == len(chosen))
+    return BenchRun(full, paths, [r["backend"] for r in results if r["error"]])

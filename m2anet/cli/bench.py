@@ -1,0 +1,127 @@
+"""`m2a-bench`: per-node latency and throughput of every backend, next to the hardware's floor.
+
+By default it benchmarks every backend that can run on this machine for the artifacts of
+`--model` in `--artifacts` (export them first with m2a-export), in the single, study and offline
+scenarios, and writes bench.json (every sample), bench.md and two plots. Exit 0 when every
+backend ran, 1 when one could not (named in the report), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from m2anet.bench import compare, report
+from m2anet.bench.scenarios import SCENARIOS
+from m2anet.bench.select import select
+from m2anet.bench.suite import BenchOptions, BenchRun, run_bench
+from m2anet.engines import BackendSpec
+from m2anet.engines.spec import SPEC_HELP
+from m2anet.manifest import ArtifactError
+from m2anet.model import list_models
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batches {text!r}: give sizes such as 1,8,32") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--batches {text!r}: sizes must be >= 1")
+    return values
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="m2a-bench", description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--backend",
+        action="extend",
+        nargs="+",
+        metavar="SPEC",
+        help=f"{SPEC_HELP}; SPEC@key=value,... passes options, e.g. torch:cpu@pad_single=false "
+        "(default: every backend that runs here)",
+    )
+    ap.add_argument("--model", default="m2anet_base", choices=list_models())
+    ap.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="m2a-export's --out folder")
+    ap.add_argument("--scenario", default="all", choices=[*SCENARIOS, "all"])
+    ap.add_argument("--duration", type=float, default=5.0, help="minimum measured seconds per step")
+    ap.add_argument("--min-queries", type=int, default=10, help="minimum measured queries (single, study)")
+    ap.add_argument(
+        "--warmup", type=float, default=1.0, help="minimum warm-up seconds per step (>= 2 queries)"
+    )
+    ap.add_argument("--batches", type=_batches, help="offline sweep (default: 1, 2, 4, ... the profile max)")
+    ap.add_argument("--study-nodes", type=int, default=24, help="nodes of one study")
+    ap.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads")
+    ap.add_argument("--out", type=Path, help="report folder (default: ARTIFACTS/MODEL/bench)")
+    ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    ap.add_argument("--select", action="store_true", help="record the fastest parity-passing artifact")
+    ap.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two bench.json reports")
+    ap.add_argument(
+        "--threshold", type=float, default=0.10, help="--compare fails past this loss (0.10: 10%%)"
+    )
+    g = ap.add_argument_group("arithmetic floor")
+    g.add_argument("--matmul-size", type=int, help="matrix size of the peak measurement")
+    g.add_argument("--copy-mib", type=int, help="MiB copied for the bandwidth measurement")
+    return ap
+
+
+def print_run(run: BenchRun, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(run.report, indent=2))
+    else:
+        print(report.markdown(run.report))
+        print("written: " + ", ".join(str(p) for p in run.paths.values()))
+
+
+def print_selection(selection: dict[str, Any], folder: Path, to_stderr: bool) -> None:
+    for scenario, choice in selection.items():
+        print(
+            f"selected for {scenario}: {choice['backend']} ({choice['metric']} {choice['value']:.3f}"
+            f", batch {choice['batch']}); recorded in {folder / 'manifest.json'}",
+            file=sys.stderr if to_stderr else sys.stdout,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    if args.compare:
+        return compare.main(*args.compare, args.threshold)
+    if args.duration < 0 or args.min_queries < 1 or args.study_nodes < 1 or (args.threads or 1) < 1:
+        parser().error("--duration must be >= 0 and --min-queries, --study-nodes, --threads >= 1")
+    options = BenchOptions(
+        model=args.model,
+        artifacts=args.artifacts,
+        backends=args.backend,
+        scenario=args.scenario,
+        duration_s=args.duration,
+        min_queries=args.min_queries,
+        warmup_s=args.warmup,
+        batches=args.batches,
+        study_nodes=args.study_nodes,
+        threads=args.threads,
+        out=args.out,
+        matmul_size=args.matmul_size,
+        copy_mib=args.copy_mib,
+        command=argv,
+    )
+    try:
+        if args.select and args.backend and not any(BackendSpec.parse(b).artifact for b in args.backend):
+            raise ValueError("--select needs artifact backends (ort:... or trt:...), not only torch")
+        run = run_bench(options)
+    except (ValueError, ArtifactError, OSError) as e:
+        print(f"m2a-bench: error: {e}", file=sys.stderr)
+        return 2
+    print_run(run, args.json)
+    if args.select:
+        folders = dict.fromkeys(Path(r["artifact"]).parent for r in run.report["backends"] if r["artifact"])
+        for folder in folders:
+            print_selection(select(run.report, folder, run.paths["json"]), folder, args.json)
+    return 1 if run.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""`m2a-triton`: an `m2a-export` folder -> a Triton Inference Server model repository."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from m2anet.manifest import ArtifactError
+from m2anet.triton import PRECISION_MODE, write_repository
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="m2a-triton", description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path, help="artifact folder written by m2a-export (holds manifest.json)")
+    ap.add_argument(
+        "--out", type=Path, required=True, help="model repository to write (Triton's --model-repository)"
+    )
+    ap.add_argument("--precision", default="fp16", choices=list(PRECISION_MODE))
+    ap.add_argument("--format", dest="fmt", default="auto", choices=["auto", "plan", "onnx"])
+    ap.add_argument("--name", default="m2anet", help="model name in the repository")
+    ap.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batcher max queue delay")
+    ap.add_argument("--instances", type=int, default=1, help="model instances per GPU")
+    ap.add_argument("--allow-parity-fail", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.queue_delay_us < 0 or args.instances < 1:
+        parser().error("--queue-delay-us must be >= 0 and --instances >= 1")
+    try:
+        model_dir = write_repository(
+            args.folder,
+            args.out,
+            precision=args.precision,
+            fmt=args.fmt,
+            name=args.name,
+            queue_delay_us=args.queue_delay_us,
+            instances=args.instances,
+            allow_parity_fail=args.allow_parity_fail,
+        )
+    except (ArtifactError, OSError) as e:
+        print(f"m2a-triton: error: {e}", file=sys.stderr)
+        return 2
+    print(f"model repository: {model_dir.parent} (model {args.name!r}; see docs/embedding.md to serve it)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
