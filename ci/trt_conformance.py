@@ -635,7 +635,12 @@ class Walker:
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
             left, right = self.annotation(node.left, env), self.annotation(node.right, env)
             return left if left is not None else right
-        if isinstance(node, ast.Subscript):
+        if isinstance(node, ast.Subscript):  # list[trt.X], dict[int, trt.X]: indexing gives an X
+            args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            element = self.annotation(args[-1], env)
+            container = ast.unparse(node.value).rsplit(".", 1)[-1]
+            if element is not None and container in ("list", "List", "Sequence", "dict", "Dict", "Mapping"):
+                return T("list", element.name, label=element.name)
             return None
         value = self.expr(node, env)
         if value is not None and value.kind == "class":
@@ -659,8 +664,12 @@ class Walker:
             return self.lookup(node, base)
         if isinstance(node, ast.Call):
             func = self.expr(node.func, env)
-            for arg in [*node.args, *(k.value for k in node.keywords)]:
-                self.expr(arg, env)
+            args = [self.expr(arg, env) for arg in node.args]
+            for keyword in node.keywords:
+                self.expr(keyword.value, env)
+            name = node.args[1] if len(node.args) == 2 else None  # getattr(trt.X, "Y") uses trt.X.Y
+            if ast.unparse(node.func) == "getattr" and args[0] is not None and isinstance(name, ast.Constant):
+                return self.lookup(ast.Attribute(node.args[0], str(name.value), lineno=node.lineno), args[0])
             return self.call(node, func)
         if isinstance(node, ast.Subscript):
             base = self.expr(node.value, env)

@@ -152,6 +152,31 @@ def test_arity_read_only_constructor_and_override_errors(tmp_path, indexes):
     }
 
 
+def test_types_follow_self_attributes_containers_and_getattr(tmp_path, indexes):
+    found = planted(
+        tmp_path,
+        indexes,
+        """
+        import tensorrt as trt
+
+        class Runner:
+            def __init__(self, engine: trt.ICudaEngine) -> None:
+                self._contexts: dict[int, trt.IExecutionContext] = {}
+                self._engine = engine
+
+            def run(self, n: int, stream: int) -> None:
+                self._contexts[n].execute_async_v4(stream)
+                self._engine.get_tensor_shap("ct")
+                getattr(trt.BuilderFlag, "FP16")
+        """,
+    )
+    assert found == {
+        ("IExecutionContext.execute_async_v4", "is not an attribute of IExecutionContext"): {TRT10, TRT11},
+        ("ICudaEngine.get_tensor_shap", "is not an attribute of ICudaEngine"): {TRT10, TRT11},
+        ("trt.BuilderFlag.FP16", "is not a member of the enum BuilderFlag"): {TRT11},
+    }
+
+
 def test_untyped_tensorrt_use_needs_an_allow_list_entry(tmp_path, indexes, monkeypatch):
     body = """
     import tensorrt as trt
