@@ -174,8 +174,9 @@ class ContourShape(nn.Module):
     The covariance of the core occupancy has invariants I1 (trace), I2 (sum of principal minors)
     and I3 (determinant); I1, I2 / I1 and I3 / I2 track the largest, middle and smallest principal
     variance, so their square roots give the node's extents in SHAPE_UNIT_MM. Only MatMul, Mul,
-    Add, Sub, Div and Sqrt: it exports and runs in FP16 like the rest of the graph. The mask is not a
-    parameter, so no gradient flows through the square roots.
+    Add, Sub, Div and Sqrt, so it exports everywhere; model.fp16.onnx keeps it in FP32, because the
+    variances subtract nearly equal second moments. The mask is not a parameter, so no gradient
+    flows through the square roots.
     """
 
     def __init__(self, eps: float) -> None:
