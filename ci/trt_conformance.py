@@ -490,6 +490,12 @@ def discover(root: Path, module: str) -> list[Path]:
     return found
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 class Walker:
     """One file, one TensorRT version: evaluates expressions to T and records failures."""
 
@@ -782,6 +788,10 @@ class Walker:
         return any(self.stmt(stmt) for stmt in stmts)
 
     def stmt(self, node: ast.stmt) -> bool:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            # `if TYPE_CHECKING: import tensorrt as trt / else: trt = lazy_import(...)`: as for mypy,
+            # the typed branch is the module's view of TensorRT
+            return self.block(node.body)
         if isinstance(node, ast.If):
             branch = self.version_condition(node.test)
             if branch is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from importlib import resources
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +14,11 @@ from m2anet.engines.base import INPUT_NAMES, Backend
 from m2anet.model import PATCH_SHAPE, Heads, create_model
 from m2anet.optional import lazy_import
 
+TORCH_TRT_KEYWORDS: dict[str, Any] = json.loads(
+    resources.files("m2anet.engines").joinpath("torch_tensorrt_compile.json").read_text()
+)["versions"]
+OPTIONAL_KEYWORDS = {"use_explicit_typing"}
+"""Keywords that later releases dropped because what they asked for became the only behaviour."""
 torch_tensorrt = lazy_import(
     "torch_tensorrt", "pip install 'm2anet[gpu]' (torch-tensorrt matching your torch)"
 )
@@ -89,9 +97,31 @@ class TorchBackend(Backend):
         return tuple(o.cpu().numpy() for o in out)
 
 
+def compile_keywords(version: str, wanted: dict[str, Any]) -> dict[str, Any]:
+    """`wanted`, less the keywords this torch-tensorrt release does not take (`use_explicit_typing`
+    went in 2.13, where every network is explicitly typed). `compile` swallows unknown keywords into
+    **kwargs, so one left in would be ignored silently; the lists per release come from each
+    release's sources (engines/torch_tensorrt_compile.json, checked by ci/trt-conformance)."""
+    release = version.split("+")[0]
+    known = TORCH_TRT_KEYWORDS.get(release)
+    if known is None:
+        raise RuntimeError(
+            f"torch-tensorrt {version} is not a release this project was checked against "
+            f"({', '.join(TORCH_TRT_KEYWORDS)}): pip install 'torch-tensorrt>=2.10,<2.15'"
+        )
+    accepted = set(known["torch_tensorrt.dynamo.compile"]["keyword_only"])
+    missing = sorted(set(wanted) - accepted - OPTIONAL_KEYWORDS)
+    if missing:
+        raise RuntimeError(
+            f"torch-tensorrt {version} has no compile keyword {', '.join(missing)}: upgrade it"
+        )
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
 def _torch_tensorrt(model: torch.nn.Module, batch: tuple[int, int, int], precision: str) -> torch.nn.Module:
     """Compile with torch-tensorrt (dynamo IR), explicitly typed like every engine of this project:
-    FP32 as exported, or FP16 through torch-tensorrt's autocast (it keeps reductions in FP32)."""
+    FP32 as exported, or FP16 through torch-tensorrt's autocast (it keeps reductions in FP32).
+    Without `autocast_low_precision_type` the autocast is a no-op and the engine stays FP32."""
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"torch-trt offers fp32 or fp16, got {precision!r}")
     shape = (1, *PATCH_SHAPE)
@@ -104,6 +134,12 @@ def _torch_tensorrt(model: torch.nn.Module, batch: tuple[int, int, int], precisi
         )
         for _ in INPUT_NAMES
     ]
+    half = precision == "fp16"
+    wanted = {
+        "use_explicit_typing": True,
+        "enable_autocast": half,
+        "autocast_low_precision_type": torch.float16 if half else None,
+    }
     return torch_tensorrt.compile(
-        model, ir="dynamo", inputs=inputs, use_explicit_typing=True, enable_autocast=precision == "fp16"
+        model, ir="dynamo", inputs=inputs, **compile_keywords(torch_tensorrt.__version__, wanted)
     )

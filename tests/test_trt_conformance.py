@@ -275,13 +275,23 @@ def test_pin_must_stay_inside_the_releases_with_keyword_lists(tmp_path, pin, ver
     assert len(got_problems) == problems
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 items 1-2: torch_backend passes use_explicit_typing (gone in 2.13) and the pin is "
-    "torch-tensorrt>=2.4; remove this mark with that fix",
-)
 def test_project_torch_tensorrt_calls_conform():
     data = KEYWORDS
     versions, problems = tc.torch_trt_range(REPO / "pyproject.toml", data)
     assert problems == []
     assert tc.check_torch_trt(tc.discover(REPO, "torch_tensorrt"), REPO, data, versions) == []
+
+
+def test_torch_trt_keywords_follow_the_installed_release():
+    from m2anet.engines.torch_backend import compile_keywords
+
+    wanted = {"use_explicit_typing": True, "enable_autocast": True, "autocast_low_precision_type": "fp16"}
+    assert compile_keywords("2.12.1", wanted) == wanted
+    assert compile_keywords("2.13.0+cu130", wanted) == {
+        "enable_autocast": True,
+        "autocast_low_precision_type": "fp16",
+    }
+    with pytest.raises(RuntimeError, match=r"torch-tensorrt 2\.9\.0 is not a release"):
+        compile_keywords("2.9.0", wanted)
+    with pytest.raises(RuntimeError, match=r"torch-tensorrt 2\.13\.0 has no compile keyword enable_autocats"):
+        compile_keywords("2.13.0", {"enable_autocats": True})
