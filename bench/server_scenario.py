@@ -11,8 +11,9 @@ come back within a bound, and does the service lose or change any of them?
   being hidden by a slower send rate (coordinated omission).
 * Every answer's `met_logit` is compared with a reference answer for its input; one further than
   `atol` counts as changed.
-* A run is bounded: arrivals stop at `duration_s` (once `min_queries` have arrived) or at
-  `max_queries`; queries still unanswered `drain_s` after the last arrival are counted as failed.
+* A run is bounded: arrivals stop at `duration_s` once `min_queries` have arrived, and at
+  `max_queries` or `max_duration_s` in any case; queries still unanswered `drain_s` after the
+  last arrival are counted as failed.
 * `find_max_rate` searches the highest rate whose p99 stays under a bound with nothing failed or
   changed, in a bounded number of runs (doubling, then bisection).
 
@@ -43,9 +44,18 @@ from m2anet.bench.stats import summarize
 from m2anet.engines import Backend
 
 TRANSIENT_STATUS = frozenset(
-    {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.ABORTED", "StatusCode.CANCELLED"}
+    {
+        "StatusCode.UNAVAILABLE",
+        "StatusCode.DEADLINE_EXCEEDED",
+        "StatusCode.ABORTED",
+        "StatusCode.CANCELLED",
+        "StatusCode.NOT_FOUND",
+    }
 )
-"""gRPC codes (as tritonclient reports them) of a request the server never completed."""
+"""gRPC codes (as tritonclient reports them) of a request the server did not run. NOT_FOUND is
+among them because a restarted Triton opens its ports before it has loaded its models again, and
+answers 'unknown model' until it has: a retry is bounded, so a name that is really wrong costs a
+few backoffs, not a hang."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,8 @@ class ServerSettings:
     min_queries: int = 50
     """A p99 over fewer queries is the worst one or two, whatever the rate."""
     max_queries: int = 2000
+    max_duration_s: float = 60.0
+    """Where `min_queries` would need longer at a low rate, the run stops here with fewer."""
     drain_s: float = 30.0
     timeout_ms: float = 1000.0
     """An answer later than this after its arrival is counted as a timeout (it still counts as answered)."""
@@ -132,13 +144,16 @@ class _Opening(Exception):
 
 
 def arrivals(settings: ServerSettings) -> np.ndarray:
-    """Poisson arrival times (s): until `duration_s` once `min_queries` arrived, `max_queries` at most."""
+    """Poisson arrival times (s): until `duration_s` once `min_queries` arrived; at most
+    `max_queries` and `max_duration_s` (the first arrival always)."""
     rng = np.random.default_rng(settings.seed)
     times: list[float] = []
     t = 0.0
     while len(times) < settings.max_queries:
         t += rng.exponential(1.0 / settings.rate)
-        if t > settings.duration_s and len(times) >= settings.min_queries:
+        if times and (
+            t > settings.max_duration_s or (t > settings.duration_s and len(times) >= settings.min_queries)
+        ):
             break
         times.append(t)
     return np.asarray(times)

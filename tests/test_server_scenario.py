@@ -37,13 +37,17 @@ def reference(factory, inputs):
 
 
 def test_arrivals_are_poisson_at_the_rate_and_bounded():
-    gaps = np.diff(arrivals(ServerSettings(rate=50.0, duration_s=1e6, max_queries=4000)), prepend=0.0)
+    gaps = np.diff(
+        arrivals(ServerSettings(rate=50.0, duration_s=1e6, max_queries=4000, max_duration_s=1e6)), prepend=0.0
+    )
     assert len(gaps) == 4000  # max_queries caps a long run
     assert gaps.mean() == pytest.approx(1 / 50, rel=0.05)
     assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.1)  # exponential gaps: CV 1
     few = arrivals(ServerSettings(rate=1.0, duration_s=0.5, min_queries=10))
     assert len(few) == 10 and few[-1] > 0.5  # min_queries outlasts a short duration
     assert np.array_equal(few, arrivals(ServerSettings(rate=1.0, duration_s=0.5, min_queries=10)))
+    capped = arrivals(ServerSettings(rate=1.0, duration_s=0.5, min_queries=1000, max_duration_s=5.0))
+    assert 0 < len(capped) < 1000 and capped[-1] <= 5.0  # but not past max_duration_s
 
 
 def test_every_query_is_answered_unchanged(factory, inputs, reference):
@@ -90,6 +94,7 @@ def test_errors_that_would_repeat_fail_once_each_and_are_reported(factory, input
 def test_only_unreachable_service_errors_are_transient():
     assert is_transient(ConnectionRefusedError(111, "Connection refused"))
     assert is_transient(InferenceServerException("Socket closed", status="StatusCode.UNAVAILABLE"))
+    assert is_transient(InferenceServerException("unknown model: 'm2anet'", status="StatusCode.NOT_FOUND"))
     assert not is_transient(
         InferenceServerException("unexpected shape", status="StatusCode.INVALID_ARGUMENT")
     )
@@ -105,6 +110,10 @@ def test_rate_search_doubles_while_held_then_halves_when_missed(factory, inputs,
     assert missed.to_dict()["rate_held"] is None and held.to_dict()["rate_held"] == 8.0
 
 
-def test_a_bad_setting_is_refused(factory, inputs):
+def test_a_bad_setting_is_refused(inputs):
     with pytest.raises(ValueError, match="rate > 0"):
-        run_server(factory, inputs, ServerSettings(rate=0.0))
+        run_server(
+            lambda: pytest.fail("no backend is opened for a run that cannot start"),
+            inputs,
+            ServerSettings(rate=0.0),
+        )
