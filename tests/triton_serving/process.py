@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -54,9 +55,7 @@ class TritonProcess:
         ]
         for name, port in self.ports.items():
             command += [f"--{name}-port", str(port)]
-        tmp = self.workdir / f"tmp-{self.starts}"
-        tmp.mkdir()
-        env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log ends where the server stopped
         with open(self.log, "wb") as log:
             self._proc = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -78,10 +77,10 @@ class TritonProcess:
     def kill(self) -> None:
         """A crash: SIGKILL to every process of the server at once, no shutdown of any kind."""
         if self._proc is not None:
-            regions = self._shared_memory()
+            leftovers = self._leftovers()
             self._signal_group(signal.SIGKILL)
             self._proc.wait()
-            self._reap(regions)
+            self._reap(leftovers)
 
     def stop(self, timeout_s: float = 60) -> None:
         """A clean shutdown (SIGTERM: models unloaded, shared memory freed), else a kill."""
@@ -97,26 +96,33 @@ class TritonProcess:
         with contextlib.suppress(ProcessLookupError):  # the group outlives its leader while one is left
             os.killpg(self._proc.pid, sig)
 
-    def _shared_memory(self) -> set[Path]:
-        """The /dev/shm files the server's processes have mapped: a killed server cannot free them
-        (the Python backend's regions, and the tensor buffers pytriton's proxy allocates)."""
-        regions = set()
+    def _leftovers(self) -> set[Path]:
+        """What a killed server cannot remove: the /dev/shm files its processes have mapped (the
+        Python backend's regions, pytriton's tensor buffers) and each model's copy of pytriton's
+        proxy, which tritonserver unpacks into a temp folder of its own."""
+        found = set()
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 if int((proc / "stat").read_text().rpartition(")")[2].split()[2]) != self._proc.pid:
                     continue
                 maps = (proc / "maps").read_text()
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
             except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
                 continue
-            regions |= {Path(line.split(maxsplit=5)[5]) for line in maps.splitlines() if " /dev/shm/" in line}
-        return regions
+            found |= {Path(line.split(maxsplit=5)[5]) for line in maps.splitlines() if " /dev/shm/" in line}
+            if argv[0].endswith("triton_python_backend_stub") and argv[1:] and argv[1].endswith("/model.py"):
+                found.add(Path(argv[1]).parents[1])  # FOLDER/VERSION/model.py
+        return found
 
-    def _reap(self, regions: set[Path] = frozenset()) -> None:
-        """Anything of the group still running is killed, and the shared memory of a crashed
-        server (pytriton names the backend's after serve.py's pid) is removed."""
+    def _reap(self, leftovers: set[Path] = frozenset()) -> None:
+        """Anything of the group still running is killed, and what a crashed server left behind is
+        removed (pytriton names the backend's shared memory after serve.py's pid)."""
         self._signal_group(signal.SIGKILL)
-        for region in {*regions, *Path("/dev/shm").glob(f"pytrtion{self._proc.pid}-*")}:
-            region.unlink(missing_ok=True)
+        for path in {*leftovers, *Path("/dev/shm").glob(f"pytrtion{self._proc.pid}-*")}:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def _tail(self, lines: int = 5) -> str:
         text = self.log.read_text(errors="replace").strip().splitlines() if self.log.is_file() else []
