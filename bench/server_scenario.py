@@ -127,6 +127,8 @@ class ServerResult:
 
 
 def one_line(error: BaseException) -> str:
+    if isinstance(error, _Opening):
+        return f"reopening the backend: {error}"
     text = " ".join(str(error).split()) or "no message"
     return f"{type(error).__name__}: {text[:200]}"
 
@@ -345,4 +347,5 @@ def find_max_rate(
         else:
             missed = rate
             rate = rate / 2 if held is None else (held.settings.rate + rate) / 2
+        rate = float(f"{rate:.3g}")  # a rate to quote, not 5.425000000000001
     return RateSearch(p99_ms=p99_ms, best=held, runs=runs)

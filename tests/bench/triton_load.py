@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from triton_serving.process import TritonProcess
     from triton_serving.server_venv import PINS, VenvError, ensure_venv
 
+    load_before = round(os.getloadavg()[0], 2)
     report: dict = {
         "machine": machine(),
         "server": f"tritonserver from {PINS[0]}, ONNX Runtime CPU, 1 instance",
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     report["passed"] = ok
+    report["load_average_1m"] = [load_before, round(os.getloadavg()[0], 2)]  # other work on the machine
     args.out.write_text(json.dumps(report, indent=2))
     held, runs = report["held"] or {}, report["search"]
     line = (
