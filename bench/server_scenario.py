@@ -110,6 +110,8 @@ class ServerResult:
     latency_per_node_ms: dict[str, float] | None
     failures: list[str]
     queries: list[Query] = field(repr=False)
+    t0: float = 0.0
+    """`time.perf_counter()` at arrival time 0: places outside events (a kill, a restart) among arrivals."""
 
     def held(self, p99_ms: float) -> bool:
         """The MLPerf Server criterion, plus the service's: none failed, none changed."""
@@ -123,6 +125,7 @@ class ServerResult:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("queries")
+        out.pop("t0")
         return out
 
 
@@ -273,7 +276,7 @@ def run_server(
     for client, thread in zip(clients, threads, strict=True):
         if not thread.is_alive():  # closing a backend under a call still stuck in it is unsafe
             client.reset()
-    return _result(settings, queries, inputs[0][0].shape[0])
+    return replace(_result(settings, queries, inputs[0][0].shape[0]), t0=start)
 
 
 def _result(settings: ServerSettings, queries: list[Query], nodes: int) -> ServerResult:

@@ -9,6 +9,7 @@ import csv
 import json
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -228,7 +229,7 @@ def test_load_survives_a_server_crash(private_server, small, patches):
         reference = reference_answers(local, inputs)
     spec = private_server.url("m2anet_fp32")
     settings = ServerSettings(
-        rate=4.0, clients=2, duration_s=20.0, min_queries=1, max_queries=120, retries=4, backoff_s=0.25
+        rate=4.0, clients=2, duration_s=18.0, min_queries=1, max_queries=120, retries=4, backoff_s=0.25
     )
     lines, run = [], {}
 
@@ -238,10 +239,11 @@ def test_load_survives_a_server_crash(private_server, small, patches):
     thread = threading.Thread(target=load)
     thread.start()
     try:
-        threading.Event().wait(3.0)
+        time.sleep(2.0)
         private_server.kill()
-        threading.Event().wait(1.0)
+        time.sleep(1.0)
         private_server.start()
+        back = time.perf_counter()
     finally:
         thread.join()
     result = run["result"]
@@ -250,9 +252,11 @@ def test_load_survives_a_server_crash(private_server, small, patches):
     assert len(lines) == result.failed == len(result.failures)
     assert all("\n" not in line and line.startswith("request ") for line in lines)
     assert result.retried >= 1  # requests that met the dead server were answered on a later try
-    troubled = [q.arrival_s for q in result.queries if q.status == "failed" or q.attempts > 1]
-    recovered = [q for q in result.queries if q.arrival_s > max(troubled)]
-    assert len(recovered) >= 5 and all(q.status == "answered" for q in recovered)
+    recovered = [q for q in result.queries if q.arrival_s > back - result.t0 + 1.0]
+    assert recovered, (
+        f"the server took {back - result.t0:.0f} s of the {settings.duration_s:.0f} s run to come back"
+    )
+    assert all(q.status == "answered" and q.attempts == 1 for q in recovered)  # first try again
 
 
 def test_an_unloaded_model_is_not_ready(private_server):

@@ -76,19 +76,21 @@ def fault_run(server, spec, inputs, reference, settings, kill_at_s):
     try:
         time.sleep(kill_at_s)
         server.kill()
-        t0 = time.perf_counter()
+        killed = time.perf_counter()
         server.start()
-        restart_s = time.perf_counter() - t0
+        back = time.perf_counter()
     finally:
         thread.join()
     result = out["result"]
-    troubled = [q.arrival_s for q in result.queries if q.status == "failed" or q.attempts > 1]
-    recovered = [q for q in result.queries if troubled and q.arrival_s > max(troubled)]
+    recovered = [q for q in result.queries if q.arrival_s > back - result.t0 + 1.0]
     return result, {
         **summary(result),
         "killed_at_s": kill_at_s,
-        "restart_s": round(restart_s, 1),
-        "answered_after_recovery": sum(q.status == "answered" for q in recovered),
+        "restart_s": round(back - killed, 1),
+        "arrived_after_recovery": len(recovered),
+        "answered_first_try_after_recovery": sum(
+            q.status == "answered" and q.attempts == 1 for q in recovered
+        ),
         "failure_lines": lines,
     }
 
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     ok
                     and fault["lost"] == 0
                     and fault["changed"] == 0
-                    and fault["answered_after_recovery"] > 0
+                    and 0 < fault["answered_first_try_after_recovery"] == fault["arrived_after_recovery"]
                 )
         finally:
             server.stop()
