@@ -50,8 +50,9 @@ class TritonBackend(Backend):
         try:
             live = self._client.is_server_live()
             ready = live and self._client.is_model_ready(self.model_name, model_version)
+            # a real server answers NOT_FOUND for the config of a model it does not serve: ask only when ready
             as_json = {"as_json": True} if parts.scheme == "grpc" else {}  # HTTP always answers JSON
-            config = self._client.get_model_config(self.model_name, model_version, **as_json)
+            config = self._client.get_model_config(self.model_name, model_version, **as_json) if ready else {}
         except Exception as e:  # connection errors come as gevent, grpc or tritonclient exceptions
             self.close()
             why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__

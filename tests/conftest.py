@@ -1,6 +1,10 @@
 import pytest
 import torch
+from triton_serving.other_model import write_other_model
+from triton_serving.process import TritonProcess
+from triton_serving.server_venv import VenvError, ensure_venv
 
+from m2anet import triton
 from m2anet.cli import export as cli
 from m2anet.data import load_split
 
@@ -23,3 +27,35 @@ def small(tmp_path_factory):
     args = ["--model", "m2anet_small", "--precision", "all", "--out", str(out), "--quiet"]
     assert cli.main([*args, "--parity-nodes", "24", "--calib-size", "32"]) == 0
     return out / "m2anet_small"
+
+
+@pytest.fixture(scope="session")
+def triton_python():
+    """The Triton server venv's python: built once (about a minute), then reused from the cache."""
+    try:
+        return ensure_venv()
+    except VenvError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def triton_repo(small, tmp_path_factory):
+    """What `m2a-triton` writes for the small model's FP32 and INT8 graphs, one model each, beside
+    a model that is not M2ANet (other tensors), as a repository shared with other models has."""
+    repo = tmp_path_factory.mktemp("triton-repo")
+    for precision in ("fp32", "int8"):
+        # what is served, not whether the artifact passed its parity tier, is under test here
+        triton.write_repository(
+            small, repo, precision=precision, fmt="onnx", name=f"m2anet_{precision}", allow_parity_fail=True
+        )
+    write_other_model(repo / "not_m2anet")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton_server(triton_python, triton_repo, tmp_path_factory):
+    """A real tritonserver on free loopback ports serving `triton_repo`; stopped at the end."""
+    server = TritonProcess(triton_python, triton_repo, tmp_path_factory.mktemp("triton-server"))
+    server.start()
+    yield server
+    server.stop()
