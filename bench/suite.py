@@ -7,6 +7,7 @@ The benchmarks measure; they never export: a folder without artifacts is an erro
 
 from __future__ import annotations
 
+import functools
 import shlex
 import sys
 import time
@@ -20,7 +21,9 @@ from tqdm import tqdm
 
 from m2anet.bench import env, floor, report, scenarios, targets
 from m2anet.bench.scenarios import SCENARIOS, Inputs, Settings
+from m2anet.bench.server_scenario import ServerSettings, find_max_rate, run_server
 from m2anet.engines import BackendSpec
+from m2anet.io import atomic_path, write_json
 from m2anet.manifest import MANIFEST, ArtifactError, read_manifest
 from m2anet.model import model_stats
 
@@ -187,3 +190,85 @@ def run_bench(options: BenchOptions) -> BenchRun:
         full = report.build(environment, floors, models, results, asdict(settings), command)
         paths = report.write(full, out, plots=len(results) == len(chosen))
     return BenchRun(full, paths, [r["backend"] for r in results if r["error"]])
+
+
+@dataclass
+class ServerOptions:
+    """The Server scenario's load: `m2a-bench --scenario server`."""
+
+    rate: float = 5.0
+    clients: int = 4
+    p99_ms: float | None = None
+    """Search the highest rate whose p99 stays under this bound; None: one run at `rate`."""
+    max_runs: int = 6
+    max_queries: int = 2000
+
+
+def run_server_bench(options: BenchOptions, load: ServerOptions) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The MLPerf Server scenario (Poisson arrivals, one node per query) on each target, as
+    perf_analyzer would load a Triton server; writes server.json and server.md."""
+    chosen, _ = plan(options)
+    settings = ServerSettings(
+        rate=load.rate,
+        clients=load.clients,
+        duration_s=options.duration_s,
+        min_queries=options.min_queries,
+        max_queries=load.max_queries,
+    )
+    inputs = Inputs().batches(1, 16)
+    rows = []
+    for target in chosen:
+        info = describe(target, options.model)
+        try:
+            factory = functools.partial(targets.open_target, target, options.model, options.threads)
+            if load.p99_ms is None:
+                info["server"] = run_server(factory, inputs, settings).to_dict()
+            else:
+                search = find_max_rate(factory, inputs, settings, load.p99_ms, max_runs=load.max_runs)
+                info["server"] = search.to_dict()
+        except Exception as e:  # as in measure_targets: one backend that cannot run costs only its row
+            info["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        rows.append(info)
+    full = {
+        "schema": report.SCHEMA,
+        "scenario": "server",
+        "environment": env.capture(options.threads),
+        "settings": {**asdict(settings), **asdict(load)},
+        "command": shlex.join(["m2a-bench", *options.command]),
+        "backends": rows,
+    }
+    out = options.out or options.folder / "bench"
+    paths = {"json": out / "server.json", "markdown": out / "server.md"}
+    write_json(paths["json"], full)
+    with atomic_path(paths["markdown"]) as tmp:
+        tmp.write_text(server_markdown(full))
+    return full, paths
+
+
+def server_markdown(full: dict[str, Any]) -> str:
+    """One row per run: the rate asked and achieved, latency per node, and what was lost or changed."""
+    lines = [
+        "| backend | rate /s | achieved /s | p50 ms | p99 ms | sent | failed | lost | changed | held |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    bound = full["settings"]["p99_ms"]
+    for b in full["backends"]:
+        if b.get("error"):
+            lines.append(f"| {b['backend']} | could not run: {b['error']} |")
+            continue
+        server = b["server"]
+        for run in server.get("runs", [server]):
+            lat, s = run["latency_per_node_ms"] or {"p50": float("nan"), "p99": float("nan")}, run["settings"]
+            lost = run["sent"] - run["answered"] - run["failed"]
+            held = run["failed"] == 0 and run["changed"] == 0 and run["latency_ms"] is not None
+            held = "-" if bound is None else ("yes" if held and run["latency_ms"]["p99"] <= bound else "no")
+            lines.append(
+                f"| {b['backend']} | {s['rate']:g} | {run['achieved_rate']:.2f} | {lat['p50']:.1f} "
+                f"| {lat['p99']:.1f} | {run['sent']} | {run['failed']} | {lost} "
+                f"| {run['changed']} | {held} |"
+            )
+        if bound is not None:
+            lines.append(
+                f"\n{b['backend']}: highest rate held with p99 <= {bound:g} ms: {server['rate_held']}"
+            )
+    return "\n".join(lines) + "\n"

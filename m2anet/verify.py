@@ -9,6 +9,7 @@ would show.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,17 @@ def artifact_context(spec: BackendSpec) -> dict[str, Any]:
     }
 
 
+def served_context(backend: Backend) -> dict[str, Any]:
+    """What `m2a-triton` recorded in the served model's config: model, heads, threshold, precision
+    (the reference runs the shipped weights of that model)."""
+    params: dict[str, str] = getattr(backend, "parameters", {})
+    keys = {"model_name": "m2anet_model", "heads": "m2anet_heads", "precision": "m2anet_precision"}
+    ctx: dict[str, Any] = {k: params[p] for k, p in keys.items() if p in params}
+    if "m2anet_threshold" in params:
+        ctx["threshold"] = float(params["m2anet_threshold"])
+    return ctx
+
+
 def stress_inputs(cohort: Cohort, batch: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     n = min(8, len(cohort))
@@ -126,17 +138,20 @@ def verify(options: VerifyOptions) -> Verification:
     """Run reference and candidate on the same nodes and judge the candidate by its precision's tier;
     with `diagnose`, a failing INT8 graph also gets the layers to keep in FP32."""
     spec = BackendSpec.parse(options.backend)
-    ctx = artifact_context(spec)
-    model_name = ctx.get("model_name", options.model)
-    heads = ctx.get("heads", options.heads)
-    threshold = options.threshold or ctx.get("threshold") or training_record(model_name)["threshold"]
-    model_opts = {"model_name": model_name, "heads": heads, "weights": ctx.get("weights")}
     cohort = load_split(options.split, n=options.n)
-    cand_opts = model_opts if spec.kind.startswith("torch") else {}  # artifacts and servers know their model
-    with (
-        open_backend(options.reference, **model_opts) as reference,
-        open_backend(spec, **cand_opts) as cand,
-    ):
+    with contextlib.ExitStack() as stack:
+        if spec.kind.startswith("torch"):
+            ctx: dict[str, Any] = {}
+            cand = stack.enter_context(open_backend(spec, model_name=options.model, heads=options.heads))
+        else:  # artifacts and servers know their model
+            ctx = artifact_context(spec)
+            cand = stack.enter_context(open_backend(spec))
+            ctx = ctx or served_context(cand)
+        model_name = ctx.get("model_name", options.model)
+        heads = ctx.get("heads", options.heads)
+        threshold = options.threshold or ctx.get("threshold") or training_record(model_name)["threshold"]
+        model_opts = {"model_name": model_name, "heads": heads, "weights": ctx.get("weights")}
+        reference = stack.enter_context(open_backend(options.reference, **model_opts))
         precision = ctx.get("precision") or spec.precision or cand.precision
         tier_name = precision if options.tier == "auto" else options.tier
         if tier_name not in TIERS:

@@ -1,6 +1,8 @@
 """The Server-scenario load generator on a local ONNX Runtime backend (its fault path against a
 real Triton server is in test_triton_server.py)."""
 
+import json
+
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
@@ -117,3 +119,30 @@ def test_a_bad_setting_is_refused(inputs):
             inputs,
             ServerSettings(rate=0.0),
         )
+
+
+def test_m2a_bench_server_scenario_reports_rate_held_and_nothing_lost(small, tmp_path):
+    from m2anet.cli import bench
+
+    spec = f"ort:cpu:{small / 'model.fp32.onnx'}"
+    argv = ["--scenario", "server", "--backend", spec, "--rate", "50", "--clients", "2", "--duration", "0.2"]
+    argv += [
+        "--min-queries",
+        "4",
+        "--max-queries",
+        "6",
+        "--p99-ms",
+        "60000",
+        "--max-runs",
+        "2",
+        "--threads",
+        "1",
+    ]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "server.json").read_text())
+    (row,) = report["backends"]
+    assert row["server"]["rate_held"] is not None and len(row["server"]["runs"]) == 2
+    for run in row["server"]["runs"]:
+        assert run["sent"] == run["answered"] + run["failed"] and run["changed"] == 0
+    assert "highest rate held" in (tmp_path / "server.md").read_text()
+    assert bench.main(["--scenario", "server", "--backend", spec, "--rate", "0"]) == 2

@@ -17,7 +17,14 @@ from typing import Any
 from m2anet.bench import compare, report
 from m2anet.bench.scenarios import SCENARIOS
 from m2anet.bench.select import select
-from m2anet.bench.suite import BenchOptions, BenchRun, run_bench
+from m2anet.bench.suite import (
+    BenchOptions,
+    BenchRun,
+    ServerOptions,
+    run_bench,
+    run_server_bench,
+    server_markdown,
+)
 from m2anet.engines import BackendSpec
 from m2anet.engines.spec import SPEC_HELP
 from m2anet.manifest import ArtifactError
@@ -46,7 +53,12 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--model", default="m2anet_base", choices=list_models())
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="m2a-export's --out folder")
-    ap.add_argument("--scenario", default="all", choices=[*SCENARIOS, "all"])
+    ap.add_argument(
+        "--scenario",
+        default="all",
+        choices=[*SCENARIOS, "all", "server"],
+        help="server: MLPerf Server scenario (Poisson arrivals) instead of the latency/throughput suite",
+    )
     ap.add_argument("--duration", type=float, default=5.0, help="minimum measured seconds per step")
     ap.add_argument("--min-queries", type=int, default=10, help="minimum measured queries (single, study)")
     ap.add_argument(
@@ -62,6 +74,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--threshold", type=float, default=0.10, help="--compare fails past this loss (0.10: 10%%)"
     )
+    g = ap.add_argument_group("server scenario (as perf_analyzer loads a Triton server)")
+    g.add_argument("--rate", type=float, default=5.0, help="target queries/s (one node each)")
+    g.add_argument("--clients", type=int, default=4, help="concurrent clients, one backend each")
+    g.add_argument("--p99-ms", type=float, help="search the highest rate whose p99 stays under this bound")
+    g.add_argument("--max-runs", type=int, default=6, help="runs of the rate search at most")
+    g.add_argument("--max-queries", type=int, default=2000, help="queries of one run at most")
     g = ap.add_argument_group("arithmetic floor")
     g.add_argument("--matmul-size", type=int, help="matrix size of the peak measurement")
     g.add_argument("--copy-mib", type=int, help="MiB copied for the bandwidth measurement")
@@ -108,6 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         copy_mib=args.copy_mib,
         command=argv,
     )
+    if args.scenario == "server":
+        if args.rate <= 0 or args.clients < 1 or args.max_runs < 1 or args.max_queries < 1:
+            parser().error("--rate must be > 0 and --clients, --max-runs, --max-queries >= 1")
+        load = ServerOptions(args.rate, args.clients, args.p99_ms, args.max_runs, args.max_queries)
+        try:
+            full, paths = run_server_bench(options, load)
+        except (ValueError, ArtifactError, OSError) as e:
+            print(f"m2a-bench: error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(full, indent=2) if args.json else server_markdown(full))
+        print("written: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+        lost = any(b.get("error") for b in full["backends"])
+        return 1 if lost else 0
     try:
         if args.select and args.backend and not any(BackendSpec.parse(b).artifact for b in args.backend):
             raise ValueError("--select needs artifact backends (ort:... or trt:...), not only torch")

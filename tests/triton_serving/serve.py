@@ -73,11 +73,16 @@ def tensors(declared) -> list[Tensor]:
     return out
 
 
-def infer_function(onnx_path: Path, output_names: list[str], threads: int):
-    """One ONNX Runtime session per Triton instance, so instances run side by side as on a GPU."""
+def infer_function(onnx_path: Path, output_names: list[str], threads: int, int8: bool):
+    """One ONNX Runtime session per Triton instance, so instances run side by side as on a GPU.
+
+    INT8 takes the exact u8u8 kernel, as m2anet's OrtBackend does: on x64 CPUs without VNNI the
+    fused u8s8 convolution overflows its 16-bit sums."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if int8:
+        options.add_session_config_entry("session.x64quantprecision", "1")
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
     @batch
@@ -98,9 +103,10 @@ def bind(triton: Triton, model_dir: Path, threads: int) -> dict:
         )
     instances = sum(g.count or 1 for g in config.instance_group) or 1
     outputs = [o.name for o in config.output]
+    int8 = config.parameters["m2anet_precision"].string_value == "int8"
     triton.bind(
         model_name=config.name,
-        infer_func=[infer_function(onnx_path, outputs, threads) for _ in range(instances)],
+        infer_func=[infer_function(onnx_path, outputs, threads, int8) for _ in range(instances)],
         inputs=tensors(config.input),
         outputs=tensors(config.output),
         model_version=version,
