@@ -343,7 +343,7 @@ class TensorRTBackend(Backend):
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
     def close(self) -> None:
-        """Free graphs, context, engine and buffers (in that order); calling it again does nothing."""
+        """Free graphs, contexts, their scratch block, engine and buffers, in that order; idempotent."""
         if self._stream is not None:
             self._stream.synchronize()  # the buffers came from torch's allocator on another stream
         self._graphs.clear()
