@@ -14,7 +14,7 @@ The project's code is then read with `ast`: every attribute reached from the `te
 including through variables whose type follows from a constructor, a return type, a property type,
 a parameter or `self.x` annotation, or a function's return annotation, is looked up in each version,
 and every call is bound to the signature (positional count, keyword names, required arguments).
-Code under `if trt_major(trt.__version__) >= 11:` (or `trt_major_minor(...) < (10, 8)`, and the
+Code under `if trt_major(trt.__version__) >= 11:` (or `trt_release(...) < (10, 8)`, and the
 statements after such an `if` that returns) is checked only against the versions it runs on.
 A value that came from TensorRT but whose type the check cannot follow, or a TensorRT-only method
 called on a receiver it cannot type, is a failure unless `UNTYPED_ALLOWED` names it with a reason.
@@ -60,7 +60,7 @@ INDEX_FORMAT = 2  # bump when the index layout changes, so cached indexes are re
 UNTYPED_ALLOWED: dict[tuple[str, str], str] = {}
 
 # The project's helpers that turn `trt.__version__` into something a branch compares.
-VERSION_FUNCS = {"trt_major": lambda v: v[0], "trt_major_minor": lambda v: v[:2]}
+VERSION_FUNCS = {"trt_major": lambda v: v[0], "trt_release": lambda v: v}
 _COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
 _COMPARE |= {ast.Eq: operator.eq, ast.NotEq: operator.ne}
 

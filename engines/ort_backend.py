@@ -3,18 +3,97 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from m2anet.engines.base import Backend
-from m2anet.manifest import artifact_entry
+from m2anet.manifest import ArtifactError, artifact_entry, read_manifest
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+ORT_TRT_CACHE = "ort-trt-cache"
+"""The artifact folder's subfolder for the TensorRT execution provider's engine and timing caches."""
+
+
+def trt_profile_shapes(manifest: dict[str, Any], artifact: str) -> dict[str, str]:
+    """The TensorRT provider's min/opt/max profile options from the manifest's batch profile.
+
+    Without them the provider builds an engine for the first batch it sees and rebuilds it whenever a
+    larger one arrives; with them, one engine covers the profile `m2a-export` gave the plans.
+    """
+    profile = manifest.get("batch_profile")
+    if not isinstance(profile, dict):
+        raise ArtifactError(f"the manifest has no batch_profile for {artifact}: re-run m2a-export")
+    inputs = manifest["artifacts"][artifact]["inputs"]
+    return {
+        f"trt_profile_{point}_shapes": ",".join(
+            f"{t['name']}:{'x'.join(str(d) for d in [int(profile[point]), *t['shape'][1:]])}" for t in inputs
+        )
+        for point in ("min", "opt", "max")
+    }
+
+
+def trt_engine_cache_prefix(manifest: dict[str, Any], artifact: str) -> str:
+    """The engine-cache file prefix: the artifact's precision and hash.
+
+    ONNX Runtime names a cached engine by a hash of the model's file name, node names and its own
+    version, never of the weights: a model.fp16.onnx re-exported after retraining would load the old
+    weights' engine. The prefix makes the cache follow the file's sha256.
+    """
+    entry = manifest["artifacts"][artifact]
+    return f"m2anet_{entry['precision']}_{entry['sha256'][:16]}"
+
+
+def provider_options(manifest: dict[str, Any], onnx: Path, provider: str) -> list[tuple[str, dict[str, str]]]:
+    """(provider, options) for `ort.InferenceSession(providers=...)`, for `onnx` in its artifact folder.
+
+    TensorRT provider: engine and timing caches in `FOLDER/ort-trt-cache/` (engines named by the
+    artifact's hash), and the manifest's batch profile. The precision is the graph's: trt_fp16_enable
+    is never set, because it would let TensorRT run in FP16 the parts that model.fp16.onnx keeps in
+    FP32 on purpose (this provider builds weakly typed networks and has no strongly typed mode), so
+    the parity proved on the graph would not carry over; without it the graph's FP16 parts may run in
+    FP32 instead, which is slower, never less accurate (the TensorRT plan, strongly typed, runs the
+    graph's precisions exactly). trt_int8_enable is set for the INT8 graph only: it carries explicit
+    Q/DQ, and a weakly typed TensorRT 10 network refuses Q/DQ layers unless INT8 is enabled ("Int8
+    precision has been set for a layer or layer output, but int8 is not configured in the builder");
+    with Q/DQ present TensorRT quantizes exactly where they are and nowhere else (explicit
+    quantization), and no calibration table is given.
+
+    CUDA graphs are not enabled (neither `enable_cuda_graph` nor `trt_cuda_graph_enable`): ONNX
+    Runtime replays a captured graph with the shapes and device addresses of its capture, so every
+    input and output must be bound through IOBinding to device buffers that never move, at one shape
+    per graph (the CUDA provider can keep several, one per `gpu_graph_id` run option; the TensorRT
+    provider one per session). This backend runs every batch size through one session and binds host
+    arrays, which ONNX Runtime copies into device memory of its choosing on each call; a session bound
+    per batch size would be a runner of its own. The CUDA-graph path here is
+    `trt:FILE.plan@cuda_graphs=true` (one graph per batch size).
+
+    Option names and value spellings follow ONNX Runtime's TensorRT execution provider documentation;
+    all exist in onnxruntime-gpu 1.20, the oldest release the `gpu` extra admits (its Python bindings
+    want booleans spelled 'True'/'False').
+    """
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown ONNX Runtime device {provider!r}: choose {', '.join(PROVIDERS)}")
+    options: dict[str, dict[str, str]] = {name: {} for name in PROVIDERS[provider]}
+    if provider == "trt":
+        cache = str(onnx.parent / ORT_TRT_CACHE)
+        trt_options = {
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": cache,
+            "trt_engine_cache_prefix": trt_engine_cache_prefix(manifest, onnx.name),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": cache,
+            **trt_profile_shapes(manifest, onnx.name),
+        }
+        if manifest["artifacts"][onnx.name]["precision"] == "int8":
+            trt_options["trt_int8_enable"] = "True"
+        options["TensorrtExecutionProvider"] = trt_options
+    return list(options.items())
 
 
 class OrtBackend(Backend):
@@ -27,6 +106,7 @@ class OrtBackend(Backend):
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None) -> None:
         if device not in PROVIDERS:
             raise ValueError(f"unknown ONNX Runtime device {device!r}: choose {', '.join(PROVIDERS)}")
+        path = Path(path)
         entry = artifact_entry(path)
         available = ort.get_available_providers()
         if PROVIDERS[device][0] not in available:
@@ -34,6 +114,7 @@ class OrtBackend(Backend):
                 f"ONNX Runtime here has no {PROVIDERS[device][0]} (has {', '.join(available)}): "
                 "install onnxruntime-gpu (m2anet[gpu]) or use ort:cpu"
             )
+        manifest = read_manifest(path.parent)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -43,13 +124,16 @@ class OrtBackend(Backend):
             # in 16 bits and overflows: the segmentation mask of the INT8 graph fell to Dice 0.81.
             # The u8u8 kernel is exact; ORT documents the switch and ignores it on other CPUs.
             options.add_session_config_entry("session.x64quantprecision", "1")
-        self.session = ort.InferenceSession(str(path), options, providers=PROVIDERS[device])
+        self.session = ort.InferenceSession(
+            str(path), options, providers=provider_options(manifest, path, device)
+        )
         # `device` says where it runs (cpu or cuda); the provider is in the name
         self.name, self.precision = f"ort:{device}", entry["precision"]
         self.device = "cpu" if device == "cpu" else "cuda"
-        self.max_batch = None
+        # the TensorRT provider's engine covers the manifest's profile: larger batches are split
+        self.max_batch = int(manifest["batch_profile"]["max"]) if device == "trt" else None
         self.outputs = tuple(o.name for o in self.session.get_outputs())
-        self.path = Path(path)
+        self.path = path
         self.sha256 = entry["sha256"]
 
     def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:

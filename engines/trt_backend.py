@@ -6,15 +6,16 @@ TensorRT version, instead of letting TensorRT fail later with a less helpful mes
 
 Memory is allocated once, for the engine's profile maximum batch: device buffers are torch CUDA
 tensors (so they come from torch's caching allocator), host staging buffers are pinned, and all work
-runs on a dedicated stream. One instance owns ONE execution context and these buffers, so it is NOT
-thread-safe: use one instance per thread (they may share a GPU).
+runs on a dedicated stream. One instance owns its execution context(s) and these buffers, so it is
+NOT thread-safe: use one instance per thread (they may share a GPU).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,9 +43,12 @@ def trt_major(version: str) -> int:
     return int(version.split(".")[0])
 
 
-def trt_major_minor(version: str) -> tuple[int, int]:
-    major, minor = version.split(".")[:2]
-    return int(major), int(minor)
+def trt_release(version: str) -> tuple[int, ...]:
+    """The numeric part of a TensorRT version, for ordering: '10.13.0.35' -> (10, 13, 0, 35)."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    if match is None:
+        raise ValueError(f"{version!r} is not a TensorRT version")
+    return tuple(int(part) for part in match.group().split("."))
 
 
 @functools.cache
@@ -53,34 +57,86 @@ def trt_logger() -> trt.ILogger:
     return trt.Logger(trt.Logger.WARNING)
 
 
-def _compatible_versions(built: tuple[int, int], here: tuple[int, int], version_compatible: bool) -> bool:
-    """Same major.minor, or a version-compatible plan run by a later runtime that TensorRT supports.
+def _compatible_versions(built: str, here: str, version_compatible: bool) -> bool:
+    """Whether TensorRT `here` may deserialize a plan that TensorRT `built` made (both as trt.__version__).
 
-    NVIDIA supports version-compatible plans within a major version and from 10.x to an 11.x runtime.
+    A plan built without version compatibility is tied to the exact release that built it: the full
+    version strings must be equal. A version-compatible plan runs on the same or a later release of its
+    major version, and a 10.x one also on 11.x, the only pair across majors NVIDIA supports (support
+    matrix, "Engine Portability"); never on an older runtime.
     """
     if built == here:
         return True
-    return version_compatible and here > built and (here[0] == built[0] or (built[0], here[0]) == (10, 11))
+    if not version_compatible:
+        return False
+    b, h = trt_release(built), trt_release(here)
+    return h > b and (h[0] == b[0] or (b[0], h[0]) == (10, 11))
+
+
+def check_plan_version(plan_name: str, info: dict[str, Any], here: str) -> None:
+    """Refuse (ArtifactError naming both versions and the fix) a plan that TensorRT `here` may not run.
+
+    `info` is the plan's manifest 'tensorrt' section. Checked before deserializing, so the refusal is
+    one line naming the fix rather than TensorRT's log and a None engine.
+    """
+    built = info.get("version")
+    if not isinstance(built, str):
+        raise ArtifactError(f"the manifest gives {plan_name} no TensorRT version: {REBUILD}")
+    version_compatible = bool(info.get("version_compatible"))
+    try:
+        compatible = _compatible_versions(built, here, version_compatible)
+    except ValueError:
+        raise ArtifactError(f"the manifest gives {plan_name} TensorRT version {built!r}: {REBUILD}") from None
+    if compatible:
+        return
+    if not version_compatible:
+        raise ArtifactError(
+            f"{plan_name} was built with TensorRT {built} without version compatibility, so only TensorRT "
+            f"{built} can run it, but {here} is installed: install TensorRT {built} or {REBUILD}"
+        )
+    major = trt_major(built)
+    later = f"later {major}.x releases" + (" and on 11.x" if major == 10 else "")
+    raise ArtifactError(
+        f"{plan_name} was built version-compatible with TensorRT {built}, which runs on {later}, but "
+        f"{here} is installed: install one of those or {REBUILD}"
+    )
 
 
 class TensorRTBackend(Backend):
     """Runs a TensorRT plan; `cuda_graphs=True` replays one captured CUDA graph per batch size.
 
-    Not thread-safe: one execution context and one set of I/O buffers per instance.
+    Each captured batch size gets an execution context of its own whose input shapes never change
+    after the capture. NVIDIA documents no guarantee that a graph captured on a context stays valid
+    once that context has run other shapes (torch-tensorrt re-records on every shape change), and
+    re-capturing on each change would capture on nearly every call in the classifier's pattern (chunks
+    of `max_batch`, then a remainder). These contexts are created USER_MANAGED and all use one scratch
+    block of the engine's device-memory size: TensorRT uses a context's device memory only from
+    `execute_async_v3` until that execution completes, and everything here runs in order on one
+    stream, so one block serves them all and an extra context costs only its own small state. At most
+    `max_graphs` are kept; the least recently used is dropped (and re-captured if its size returns).
+    Without graphs, one ordinary context runs every batch size.
+
+    Not thread-safe: one set of contexts and I/O buffers per instance.
     """
 
     name = "trt"
 
-    def __init__(self, plan: str | Path, device: int = 0, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self, plan: str | Path, device: int = 0, cuda_graphs: bool = False, max_graphs: int = 8
+    ) -> None:
         self._runtime: trt.Runtime | None = None
         self._engine: trt.ICudaEngine | None = None
         self._context: trt.IExecutionContext | None = None
         self._stream: torch.cuda.Stream | None = None
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # in order of last use, oldest first
+        self._graph_contexts: dict[int, trt.IExecutionContext] = {}
+        self._scratch: torch.Tensor | None = None
         self._dev_in: dict[str, torch.Tensor] = {}
         self._dev_out: dict[str, torch.Tensor] = {}
         self._host_in: dict[str, torch.Tensor] = {}
         self._host_out: dict[str, torch.Tensor] = {}
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs={max_graphs}: keep at least 1 CUDA graph (the default is 8)")
         plan = Path(plan)
         entry = artifact_entry(plan)  # hash check first: nothing below runs on a corrupted plan
         info = entry.get("tensorrt")
@@ -105,23 +161,14 @@ class TensorRTBackend(Backend):
                 f"{plan.name} was built for compute capability {built_cc} ({info.get('gpu')}) "
                 f"but cuda:{device} is {here['compute_capability']} ({here['gpu']}): {REBUILD}"
             )
-        built_v, here_v = str(info.get("version")), trt.__version__
+        here_v = trt.__version__
+        check_plan_version(plan.name, info, here_v)
         version_compat = bool(info.get("version_compatible"))
-        try:
-            built_mm = trt_major_minor(built_v)
-        except ValueError:
-            raise ArtifactError(
-                f"the manifest gives {plan.name} TensorRT version {built_v!r}: {REBUILD}"
-            ) from None
-        if not _compatible_versions(built_mm, trt_major_minor(here_v), version_compat):
-            raise ArtifactError(
-                f"{plan.name} was built with TensorRT {built_v} but {here_v} is installed: {REBUILD}"
-            )
 
         self.device = f"cuda:{device}"
         self.precision = str(entry.get("precision", "unknown"))
         self._dev = torch.device("cuda", device)
-        self._use_graphs = cuda_graphs
+        self._use_graphs, self._max_graphs = cuda_graphs, max_graphs
         with torch.cuda.device(self._dev):
             runtime = trt.Runtime(trt_logger())
             # a version-compatible plan embeds TensorRT's lean runtime, which is host code; the hash check
@@ -135,16 +182,42 @@ class TensorRTBackend(Backend):
                 )
             self._engine = engine
             self._setup_io(engine, plan.name)
-            context = engine.create_execution_context()
-            if context is None:
-                raise RuntimeError(
-                    f"TensorRT could not create an execution context for {plan.name} (out of memory?)"
-                )
-            self._context = context
             self._stream = torch.cuda.Stream(device=self._dev)
-            for name, buf in {**self._dev_in, **self._dev_out}.items():
-                context.set_tensor_address(name, buf.data_ptr())
-        self._batch_set = 0  # the batch the context's input shapes are currently set to
+            if cuda_graphs:
+                if trt_major(trt.__version__) >= 11:
+                    size = engine.device_memory_size_v2
+                else:
+                    size = engine.device_memory_size
+                self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self._dev)
+            else:
+                self._context = self._new_context(None)
+        self._batch_set = 0  # the batch the ordinary context's input shapes are currently set to
+
+    def _new_context(self, scratch: torch.Tensor | None) -> trt.IExecutionContext:
+        """A context bound to the I/O buffers: on `scratch` if given, else on device memory of its own."""
+        if self._engine is None:
+            raise RuntimeError("this TensorRTBackend is closed: create a new one")
+        strategy = trt.ExecutionContextAllocationStrategy
+        context = self._engine.create_execution_context(
+            strategy.STATIC if scratch is None else strategy.USER_MANAGED
+        )
+        if context is None:
+            raise RuntimeError("TensorRT could not create an execution context (out of GPU memory?)")
+        if scratch is not None:
+            if trt_major(trt.__version__) >= 11:
+                context.set_device_memory(scratch.data_ptr(), scratch.numel())
+            else:  # a write-only property, missing from the 10.13 stubs
+                context.device_memory = scratch.data_ptr()  # type: ignore[attr-defined]
+        for name, buf in {**self._dev_in, **self._dev_out}.items():
+            context.set_tensor_address(name, buf.data_ptr())
+        return context
+
+    def _set_batch(self, context: trt.IExecutionContext, n: int) -> None:
+        for name in INPUT_NAMES:
+            if not context.set_input_shape(name, (n, 1, *PATCH_SHAPE)):
+                raise RuntimeError(
+                    f"TensorRT rejected batch {n} (profile {self._min_batch}..{self.max_batch})"
+                )
 
     def _setup_io(self, engine: trt.ICudaEngine, plan_name: str) -> None:
 
@@ -182,31 +255,44 @@ class TensorRTBackend(Backend):
     def _enqueue(self, n: int) -> None:
         """Run the engine on the first `n` rows of the device buffers, on the backend's stream."""
 
-        if self._context is None or self._stream is None:
+        if self._stream is None:
             raise RuntimeError("this TensorRTBackend is closed: create a new one")
-        context, stream = self._context, self._stream
+        if self._use_graphs:
+            self._replay(n, self._stream)
+            return
+        if self._context is None:
+            raise RuntimeError("this TensorRTBackend is closed: create a new one")
         if n != self._batch_set:
-            for name in INPUT_NAMES:
-                if not context.set_input_shape(name, (n, 1, *PATCH_SHAPE)):
-                    raise RuntimeError(
-                        f"TensorRT rejected batch {n} (profile {self._min_batch}..{self.max_batch})"
-                    )
+            self._set_batch(self._context, n)
             self._batch_set = n
-        graph = self._graphs.get(n)
+        if not self._context.execute_async_v3(self._stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+
+    def _replay(self, n: int, stream: torch.cuda.Stream) -> None:
+        """Replay batch `n`'s graph; the first time, run it on a new context of its own and capture."""
+        graph = self._graphs.pop(n, None)
         if graph is not None:
+            self._graphs[n] = graph  # now the most recently used
             graph.replay()
             return
+        if len(self._graphs) >= self._max_graphs:
+            stream.synchronize()  # the oldest graph may still be running on the stream
+            oldest = next(iter(self._graphs))
+            del self._graphs[oldest]  # the graph before the context it was captured on
+            del self._graph_contexts[oldest]
+        context: trt.IExecutionContext = self._new_context(self._scratch)
+        self._set_batch(context, n)
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
-        if self._use_graphs:
-            # captured after that ordinary run, so TensorRT's shape-dependent setup stays out of the graph;
-            # the graph replays this run's kernels on the same buffers for every later batch of n
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                if not context.execute_async_v3(stream.cuda_stream):
-                    raise RuntimeError("TensorRT execute_async_v3 failed during CUDA graph capture")
-            self._graphs[n] = graph
+        # captured after that ordinary run (whose results are this call's), so TensorRT's shape-dependent
+        # setup stays out of the graph; the context's shapes never change again
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed during CUDA graph capture")
+        self._graph_contexts[n] = context
+        self._graphs[n] = graph
 
     def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
 
@@ -257,11 +343,13 @@ class TensorRTBackend(Backend):
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
     def close(self) -> None:
-        """Free graphs, context, engine and buffers (in that order); calling it again does nothing."""
+        """Free graphs, contexts, their scratch block, engine and buffers, in that order; idempotent."""
         if self._stream is not None:
             self._stream.synchronize()  # the buffers came from torch's allocator on another stream
         self._graphs.clear()
+        self._graph_contexts.clear()
         self._context = None  # TensorRT objects go in reverse order of creation
+        self._scratch = None
         self._engine = None
         self._runtime = None
         self._stream = None

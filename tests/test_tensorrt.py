@@ -8,6 +8,7 @@ without TensorRT, and a plan that fails its manifest is refused before TensorRT 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 
 from m2anet import create_model
 from m2anet.engines.environment import tensorrt_missing_reason
-from m2anet.engines.trt_backend import TensorRTBackend, _compatible_versions
+from m2anet.engines.trt_backend import TensorRTBackend, _compatible_versions, check_plan_version
 from m2anet.export.tensorrt_build import build_engine
 from m2anet.io import sha256_file
 from m2anet.manifest import MANIFEST, ArtifactError, write_manifest
@@ -97,16 +98,55 @@ def test_bad_batch_profile_is_rejected_before_tensorrt(tmp_path):
 @pytest.mark.parametrize(
     ("built", "here", "compatible", "ok"),
     [
-        ((10, 13), (10, 13), False, True),
-        ((10, 13), (10, 14), False, False),
-        ((10, 13), (10, 14), True, True),
-        ((10, 14), (10, 13), True, False),  # never backwards
-        ((10, 13), (11, 0), True, True),  # NVIDIA supports 10.x version-compatible plans on 11.x
-        ((11, 0), (12, 0), True, False),
+        ("10.13.0.35", "10.13.0.35", False, True),
+        ("10.13.0.35", "10.13.3.9", False, False),  # same major.minor is not the same release
+        ("10.13.0.35", "10.13.0.36", False, False),
+        ("10.13.0.35", "10.14.1.48", False, False),
+        ("10.13.0.35", "10.13.3.9", True, True),
+        ("10.13.0.35", "10.14.1.48", True, True),
+        ("10.9.0.34", "10.10.0.31", True, True),  # compared as numbers, not as text
+        ("10.14.1.48", "10.13.0.35", True, False),  # never backwards
+        ("10.13.0.35", "10.13.0.34", True, False),
+        ("10.13.0.35", "11.0.0.114", True, True),  # NVIDIA supports 10.x version-compatible plans on 11.x
+        ("11.0.0.114", "11.4.0.106", True, True),
+        ("11.4.0.106", "12.0.0.1", True, False),
     ],
 )
 def test_version_compatibility_rule(built, here, compatible, ok):
     assert _compatible_versions(built, here, compatible) is ok
+
+
+@pytest.mark.parametrize(
+    ("info", "message"),
+    [
+        (
+            {"version": "10.13.0.35", "version_compatible": False},
+            "built with TensorRT 10.13.0.35 without version compatibility, so only TensorRT 10.13.0.35 "
+            "can run it, but 10.13.3.9 is installed: install TensorRT 10.13.0.35 or rebuild",
+        ),
+        (
+            {"version": "10.14.1.48", "version_compatible": True},
+            "version-compatible with TensorRT 10.14.1.48, which runs on later 10.x releases and on 11.x, "
+            "but 10.13.3.9 is installed: install one of those or rebuild",
+        ),
+        ({"version_compatible": False}, "no TensorRT version"),
+        ({"version": "ten", "version_compatible": True}, "TensorRT version 'ten'"),
+    ],
+)
+def test_a_plan_of_another_release_is_refused_naming_both_versions(info, message):
+    with pytest.raises(ArtifactError, match=re.escape(message)) as caught:
+        check_plan_version("model.fp32.plan", info, "10.13.3.9")
+    assert "\n" not in str(caught.value)
+
+
+def test_a_plan_of_this_release_passes():
+    check_plan_version("model.fp32.plan", {"version": "10.13.3.9", "version_compatible": False}, "10.13.3.9")
+    check_plan_version("model.fp32.plan", {"version": "10.13.0.35", "version_compatible": True}, "10.13.3.9")
+
+
+def test_max_graphs_below_one_is_rejected_before_anything_else(tmp_path):
+    with pytest.raises(ValueError, match="max_graphs=0"):
+        TensorRTBackend(tmp_path / "missing.plan", cuda_graphs=True, max_graphs=0)
 
 
 # --- with TensorRT and a GPU ------------------------------------------------------------------
@@ -196,6 +236,23 @@ def test_cuda_graphs_and_infer_torch_agree(artifact):
 
 
 @needs_trt
+@pytest.mark.parametrize("max_graphs", [8, 1])  # 1: each size evicts the other's graph and context
+def test_cuda_graphs_survive_other_batch_sizes(artifact, max_graphs):
+    """Batches 1, 7, 1, 7: a graph replayed after its size was not the last one run still gives the
+    results of a backend without graphs (each size has a context of its own, whose shapes never change)."""
+    plan, _ = artifact
+    calls = [patches(n, seed=i) for i, n in enumerate((1, 7, 1, 7))]
+    with TensorRTBackend(plan) as plain:
+        expected = [plain.infer(ct, mask) for ct, mask in calls]
+    with TensorRTBackend(plan, cuda_graphs=True, max_graphs=max_graphs) as graphed:
+        got = [graphed.infer(ct, mask) for ct, mask in calls]
+        assert len(graphed._graphs) == len(graphed._graph_contexts) == min(2, max_graphs)
+    for g, e in zip(got, expected, strict=True):
+        for a, b in zip(g, e, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@needs_trt
 def test_corrupted_plan_is_refused(artifact, tmp_path):
     plan = copy_artifact(artifact[0], tmp_path)
     data = bytearray(plan.read_bytes())
@@ -208,12 +265,18 @@ def test_corrupted_plan_is_refused(artifact, tmp_path):
 @needs_trt
 @pytest.mark.parametrize(
     ("key", "value", "message"),
-    [("compute_capability", "1.0", "compute capability 1.0"), ("version", "9.0.0", "TensorRT 9.0.0")],
+    [
+        ("compute_capability", "1.0", "compute capability 1.0"),
+        ("version", "9.0.0", "TensorRT 9.0.0"),
+        # same major.minor, another release: refused, not deserialized (it was not built version-compatible)
+        ("version", "{major_minor}.999", "so only TensorRT"),
+    ],
 )
 def test_plan_for_another_gpu_or_version_is_refused(artifact, tmp_path, key, value, message):
     plan = copy_artifact(artifact[0], tmp_path)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
-    manifest["artifacts"][plan.name]["tensorrt"][key] = value
+    info = manifest["artifacts"][plan.name]["tensorrt"]
+    info[key] = value.format(major_minor=".".join(info["version"].split(".")[:2]))
     write_manifest(tmp_path, manifest)
     with pytest.raises(ArtifactError, match=message):
         TensorRTBackend(plan)

@@ -22,6 +22,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batcher max queue delay")
     ap.add_argument("--instances", type=int, default=1, help="model instances per GPU")
     ap.add_argument("--allow-parity-fail", action="store_true")
+    ap.add_argument(
+        "--engine-cache",
+        help="ONNX form: where the server may cache ONNX Runtime's TensorRT engines "
+        "(default /models/NAME/ort-trt-cache, the repository mounted at /models)",
+    )
     return ap
 
 
@@ -39,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             queue_delay_us=args.queue_delay_us,
             instances=args.instances,
             allow_parity_fail=args.allow_parity_fail,
+            engine_cache=args.engine_cache,
         )
     except (ArtifactError, OSError) as e:
         print(f"m2a-triton: error: {e}", file=sys.stderr)
