@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from m2anet.engines import Backend, open_backend
+from m2anet.engines import Backend, InputError, open_backend
 from m2anet.export.manifest import ArtifactError, artifact_entry, read_manifest
 from m2anet.io import sha256_file
 from m2anet.metrics import sigmoid
+from m2anet.model import HU_WINDOW
 from m2anet.preprocess import Node, Progress, StudyError, paste_masks, prepare_study, to_image
 from m2anet.weights import shipped_weights, training_record
 
@@ -36,9 +37,9 @@ KINDS_HELP = (
 COLUMNS = (
     "label",
     "status",
-    "centroid_x_mm",
-    "centroid_y_mm",
-    "centroid_z_mm",
+    "centroid_lps_x_mm",
+    "centroid_lps_y_mm",
+    "centroid_lps_z_mm",
     "voxel_i",
     "voxel_j",
     "voxel_k",
@@ -49,7 +50,8 @@ COLUMNS = (
     "prediction",
     "note",
 )
-"""Keys of a per-node result, in report order."""
+"""Keys of a per-node result, in report order. Centroids are in the DICOM/ITK patient frame (LPS: x to
+the patient's left, y to the back); nibabel and 3D Slicer use RAS, which is (-x, -y, z)."""
 
 
 class StudyWarning(UserWarning):
@@ -269,6 +271,11 @@ class NodeClassifier:
 
     def predict_patches(self, ct: np.ndarray, mask: np.ndarray) -> PatchPredictions:
         """Patches cropped by the caller: float32 (N, 1, 16, 64, 64) each, as `m2anet.preprocess` makes."""
+        if isinstance(ct, np.ndarray) and ct.size and (ct.min() < 0.0 or ct.max() > 1.0):
+            raise InputError(
+                f"ct patches hold values in [{ct.min():g}, {ct.max():g}], not [0, 1]: pass HU through "
+                f"m2anet.data.hu_to_input (the window {HU_WINDOW} HU scaled to [0, 1])"
+            )
         with self._lock:
             outputs = self.backend.infer(ct, mask)
         probability = sigmoid(outputs[0][:, 0])
@@ -343,9 +350,9 @@ class NodeClassifier:
         return {
             "label": node.label,
             "status": "skipped" if probability is None else "classified",
-            "centroid_x_mm": x,
-            "centroid_y_mm": y,
-            "centroid_z_mm": z,
+            "centroid_lps_x_mm": x,
+            "centroid_lps_y_mm": y,
+            "centroid_lps_z_mm": z,
             "voxel_i": i,
             "voxel_j": j,
             "voxel_k": k,

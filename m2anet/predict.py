@@ -1,9 +1,10 @@
 """`m2a-predict`: a CT study and its node label map -> nodes.csv and nodes.json, one row per node.
 
-Each row: label, centroid (mm, patient coordinates) and nearest voxel index, volume, short-axis
-diameter, metastasis probability and predicted label, or why the node was skipped; the JSON adds
-the backend, the artifact's sha256, the threshold and timings. Outputs are written atomically
-and only once the whole study is done, so a nodes.csv on disk is always a complete report.
+Each row: label, centroid (mm, in the DICOM/ITK LPS patient frame, hence the column names) and
+nearest voxel index, volume, short-axis diameter, metastasis probability and predicted label, or
+why the node was skipped; the JSON adds the backend, the artifact's sha256, the threshold and
+timings. Outputs are written atomically and only once the whole study is done, so a nodes.csv on
+disk is always a complete report.
 Exit 0 when the study was reported (skipped nodes are listed as such), 2 on bad input.
 """
 
