@@ -59,6 +59,7 @@ def diagnose_int8(args: argparse.Namespace, report: dict) -> dict:
     calib = entry["calibration"]
     ranked = layer_sensitivity(fp32, int8)
     cohort = load_split(args.split, n=args.n)
+    calibration = load_split("calib", n=calib["nodes"])  # the nodes the artifact was calibrated on
     reference = report["_reference_outputs"]
     trials = []
     sizes = sorted({*(2**i for i in range(len(ranked).bit_length())), len(ranked)} - {0})
@@ -71,6 +72,7 @@ def diagnose_int8(args: argparse.Namespace, report: dict) -> dict:
                 fp32,
                 candidate,
                 Calibration(calib["method"], calib["nodes"], target=calib["target"], exclude=exclude),
+                cohort=calibration,
             )
             write_manifest(
                 folder,
