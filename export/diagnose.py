@@ -57,6 +57,7 @@ def diagnose_int8(int8: Path, reference: list[np.ndarray], cohort: Cohort, thres
     fp32 = int8.parent / entry["source"]
     calib = entry["calibration"]
     ranked = layer_sensitivity(fp32, int8)
+    calibration = load_split("calib", n=calib["nodes"])  # the nodes the artifact was calibrated on
     trials = []
     sizes = sorted({*(2**i for i in range(len(ranked).bit_length())), len(ranked)} - {0})
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,6 +69,7 @@ def diagnose_int8(int8: Path, reference: list[np.ndarray], cohort: Cohort, thres
                 fp32,
                 candidate,
                 Calibration(calib["method"], calib["nodes"], target=calib["target"], exclude=exclude),
+                cohort=calibration,
             )
             write_manifest(
                 folder,

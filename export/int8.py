@@ -75,11 +75,17 @@ class CalibrationReader(CalibrationDataReader):
         self.i = 0
 
 
-def quantize_int8(fp32_path: str | Path, path: str | Path, calib: Calibration, progress=None) -> dict:
-    """Write the Q/DQ graph; returns the calibration record for the manifest."""
+def quantize_int8(
+    fp32_path: str | Path, path: str | Path, calib: Calibration, progress=None, cohort: Cohort | None = None
+) -> dict:
+    """Write the Q/DQ graph; returns the calibration record for the manifest.
+
+    `cohort`: the first `calib.size` nodes of the calib split, for callers that quantize several
+    times (m2a-verify --diagnose), so the nodes are generated once.
+    """
     if calib.method not in CALIB_METHODS:
         raise ValueError(f"unknown calibration method {calib.method!r}: choose {', '.join(CALIB_METHODS)}")
-    cohort = load_split("calib", n=calib.size)
+    cohort = load_split("calib", n=calib.size) if cohort is None else cohort
     signed = calib.target == "tensorrt"
     reader = CalibrationReader(cohort, calib.batch, progress or (lambda n: None))
     root = logging.getLogger()

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from m2anet.engines import Backend, BackendSpec, open_backend
+from m2anet.engines import Backend, BackendSpec, InputError, open_backend
 from m2anet.engines.choice import fastest_artifact_spec
 from m2anet.io import sha256_file
 from m2anet.manifest import (
@@ -35,6 +35,7 @@ from m2anet.manifest import (
     verified_weights,
 )
 from m2anet.metrics import sigmoid
+from m2anet.model import HU_WINDOW
 from m2anet.node_report import StudyReport, node_row
 from m2anet.preprocess import Progress, as_image, paste_masks, prepare_study
 from m2anet.weights import shipped_weights, training_record
@@ -193,6 +194,11 @@ class NodeClassifier:
 
     def predict_patches(self, ct: np.ndarray, mask: np.ndarray) -> PatchPredictions:
         """Patches cropped by the caller: float32 (N, 1, 16, 64, 64) each, as `m2anet.preprocess` makes."""
+        if isinstance(ct, np.ndarray) and ct.size and (ct.min() < 0.0 or ct.max() > 1.0):
+            raise InputError(
+                f"ct patches hold values in [{ct.min():g}, {ct.max():g}], not [0, 1]: pass HU through "
+                f"m2anet.data.hu_to_input (the window {HU_WINDOW} HU scaled to [0, 1])"
+            )
         with self._lock:
             outputs = self.backend.infer(ct, mask)
         probability = sigmoid(outputs[0][:, 0])

@@ -1,8 +1,9 @@
 """The per-node report of a study: one row per node label, and the files `m2a-predict` writes.
 
-Each row: label, centroid (mm, patient coordinates) and nearest voxel index, volume, short-axis
-diameter, metastasis probability and predicted label, or why the node was skipped; the JSON adds
-the backend, the artifact's sha256, the threshold and timings.
+Each row: label, centroid (mm, in the DICOM/ITK LPS patient frame, hence the column names) and
+nearest voxel index, volume, short-axis diameter, metastasis probability and predicted label, or
+why the node was skipped; the JSON adds the backend, the artifact's sha256, the threshold and
+timings.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from m2anet.preprocess import Node
 COLUMNS = (
     "label",
     "status",
-    "centroid_x_mm",
-    "centroid_y_mm",
-    "centroid_z_mm",
+    "centroid_lps_x_mm",
+    "centroid_lps_y_mm",
+    "centroid_lps_z_mm",
     "voxel_i",
     "voxel_j",
     "voxel_k",
@@ -34,7 +35,8 @@ COLUMNS = (
     "prediction",
     "note",
 )
-"""Keys of a per-node result, in report order."""
+"""Keys of a per-node result, in report order. Centroids are in the DICOM/ITK patient frame (LPS: x to
+the patient's left, y to the back); nibabel and 3D Slicer use RAS, which is (-x, -y, z)."""
 
 
 PROVENANCE = ("backend", "precision", "artifact_sha256")
@@ -60,9 +62,9 @@ def node_row(node: Node, probability: float | None, threshold: float) -> dict[st
     return {
         "label": node.label,
         "status": "skipped" if probability is None else "classified",
-        "centroid_x_mm": x,
-        "centroid_y_mm": y,
-        "centroid_z_mm": z,
+        "centroid_lps_x_mm": x,
+        "centroid_lps_y_mm": y,
+        "centroid_lps_z_mm": z,
         "voxel_i": i,
         "voxel_j": j,
         "voxel_k": k,

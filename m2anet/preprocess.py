@@ -19,8 +19,13 @@ patches exactly as `m2anet.data` does for training, in the patient frame:
   ellipse-like sections of lymph nodes this is RECIST's short axis; unlike "longest extent
   perpendicular to the longest diameter" it is not thrown off by corners of irregular outlines.
 
-ITK's NIfTI reader replaces NaN voxels by 0 as it reads, so a CT with NaNs is caught in NRRD, MHA
-and numpy input, while a NIfTI one arrives already zero-filled.
+ITK's NIfTI reader replaces NaN voxels by 0 as it reads, and turns a NaN voxel size into an SVD
+dump on stderr: NIfTI files are checked on their raw header and data (nibabel) before ITK reads
+them. Every CT must also look like a chest CT in Hounsfield units: not constant, within the HU
+scale, and with air in it (lungs, airways); anything else is refused with the conversion to make.
+
+SimpleITK is imported on first use, so the patch measurements (`short_axis_mm`, used in training)
+work where it is not installed.
 
 Input problems raise `StudyError` (one line); node problems that leave the rest of the study
 reportable mark that node skipped with a one-line reason.
@@ -34,17 +39,25 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
 from m2anet.data import hu_to_input
 from m2anet.model import PATCH_SHAPE, PATCH_SPACING_MM
+from m2anet.optional import lazy_import
 
 AIR_HU = -1024.0
+AIR_BAND_HU = (-1200.0, -500.0)
+"""Air (-1000 HU) and lung (-900 to -700 HU) fall here; padding sentinels outside the scanned
+circle (-2048, -3024, -32768) and raw scanner numbers (0..4095) do not."""
+MIN_AIR_FRACTION = 1e-3
+"""Lungs and airways fill a fifth or more of a chest CT; 0.1% leaves room for tight crops."""
+HU_LIMITS = (-35000.0, 35000.0)
+"""Nothing in Hounsfield units lies outside: vacuum is -1000, the extended scale for metal ends near
++31000 and the lowest padding sentinel is the int16 minimum with the usual -1024 intercept."""
 LATTICE_SPACING = PATCH_SPACING_MM[::-1]
 """(x, y, z) mm: ITK order of the patch spacing."""
 PATCH_SIZE = PATCH_SHAPE[::-1]
@@ -56,6 +69,12 @@ Progress = Callable[[str, int, int], None]
 
 class StudyError(ValueError):
     """A study that cannot be reported; the message names the problem in one line."""
+
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+else:  # a training or GPU image may lack it; short_axis_mm and the constants need none
+    sitk = lazy_import("SimpleITK", "pip install 'SimpleITK>=2.3' (to read and resample studies)")
 
 
 @dataclass(frozen=True)
@@ -94,22 +113,67 @@ def _itk_reason(error: RuntimeError) -> str:
     return type(error).__name__
 
 
-def _check_complete(path: Path, reader: sitk.ImageFileReader, role: str) -> None:
-    """ITK's NIfTI reader zero-fills a truncated file without a word; NRRD, MHA and DICOM readers fail."""
-    if not path.name.endswith((".nii", ".nii.gz")) or "vox_offset" not in reader.GetMetaDataKeys():
+def _nifti(path: Path, role: str):  # -> nibabel.Nifti1Image | Nifti2Image, header and data not read
+    import nibabel as nib
+
+    try:
+        return nib.load(path)
+    except Exception as e:  # nibabel raises a dozen types for a bad header; each is one line
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise StudyError(f"{role} {path} cannot be read ({reason}): is it truncated, or not NIfTI?") from None
+
+
+def _check_nifti(path: Path, role: str) -> None:
+    """Voxel size, orientation and data of a NIfTI file, checked before ITK reads it.
+
+    ITK's NIfTI reader zero-fills a truncated file and replaces NaN voxels by 0 without a word, and
+    prints an SVD dump for a NaN voxel size. The data is streamed once (memory stays at one chunk),
+    counting bytes and, for float data, non-finite values.
+    """
+    image = _nifti(path, role)
+    header = image.header
+    geometry = [("voxel size", header["pixdim"][1 : 1 + min(int(header["dim"][0]), 3)])]
+    for name, matrix in (("qform", header.get_qform), ("sform", header.get_sform)):
+        if int(header[f"{name}_code"]) > 0:
+            with np.errstate(invalid="ignore"):
+                geometry.append((name, matrix()))
+    for name, values in geometry:
+        if not np.isfinite(values).all() or (name == "voxel size" and not (np.asarray(values) > 0).all()):
+            raise StudyError(
+                f"{role} {path} has a NaN, infinite or non-positive {name} in its header: "
+                "rewrite it from the source series with its voxel size and orientation"
+            )
+    # the image's header is a copy with its data offset reset; the proxy keeps the file's
+    dtype, offset = image.dataobj.dtype, int(image.dataobj.offset)
+    expected = int(np.prod(image.dataobj.shape)) * dtype.itemsize
+    float_data = dtype.kind in "fc"
+    if not float_data and not path.name.endswith(".gz"):
+        if path.stat().st_size < offset + expected:
+            raise StudyError(f"{role} {path} is truncated or corrupt (its data ends early): copy it again")
         return
-    voxels = int(np.prod(reader.GetSize())) * reader.GetNumberOfComponents()
-    expected = int(float(reader.GetMetaData("vox_offset"))) + voxels * int(reader.GetMetaData("bitpix")) // 8
-    if path.name.endswith(".gz"):
-        try:
-            with gzip.open(path) as f:
-                actual = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 22), b""))
-        except (EOFError, OSError, zlib.error):
-            actual = -1
-    else:
-        actual = path.stat().st_size
-    if actual < expected:
+    read, nonfinite, carry = 0, 0, b""
+    try:
+        with gzip.open(path) if path.name.endswith(".gz") else open(path, "rb") as f:
+            f.read(offset)
+            while read < expected:
+                chunk = f.read(min(1 << 22, expected - read))
+                if not chunk:
+                    break
+                read += len(chunk)
+                if float_data:
+                    chunk = carry + chunk
+                    usable = len(chunk) - len(chunk) % dtype.itemsize
+                    values = np.frombuffer(chunk[:usable], dtype)
+                    nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+                    carry = chunk[usable:]
+    except (EOFError, OSError, zlib.error):
+        read = -1
+    if read < expected:
         raise StudyError(f"{role} {path} is truncated or corrupt (its data ends early): copy it again")
+    if nonfinite:
+        raise StudyError(
+            f"{role} {path} has {nonfinite} NaN or infinite voxels: fix its reconstruction or conversion"
+        )
 
 
 def read_image(path: str | Path, role: str = "CT") -> sitk.Image:
@@ -129,16 +193,17 @@ def read_image(path: str | Path, role: str = "CT") -> sitk.Image:
                     f"{', ...' if len(ids) > 3 else ''}): put the series to analyse in a folder of its own"
                 )
             series.SetFileNames(series.GetGDCMSeriesFileNames(str(p), ids[0]))
-            return series.Execute()
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(p))
-        reader.ReadImageInformation()
-        _check_complete(p, reader, role)
-        return reader.Execute()
+            image = series.Execute()
+        else:
+            if p.name.endswith((".nii", ".nii.gz")):
+                _check_nifti(p, role)
+            image = sitk.ReadImage(str(p))
     except RuntimeError as e:
         raise StudyError(
             f"{role} {p} cannot be read ({_itk_reason(e)}): is it truncated, or not NIfTI/NRRD/MHA/DICOM?"
         ) from None
+    _check_geometry(image, f"{role} {p}")
+    return image
 
 
 def to_image(
@@ -156,11 +221,27 @@ def to_image(
     array = np.asarray(array)
     if array.ndim != 3:
         raise StudyError(f"volume has shape {array.shape}: pass a 3-D array indexed (z, y, x)")
+    if np.iscomplexobj(array):
+        raise StudyError(
+            f"volume has complex values ({array.dtype}): pass real numbers (HU for a CT, labels for nodes)"
+        )
+    if array.dtype == np.bool_:  # SimpleITK has no boolean pixels; one node's mask is label 1
+        array = array.astype(np.uint8)
+    try:
+        geometry = [[float(v) for v in values] for values in (spacing, origin, direction)]
+    except (TypeError, ValueError) as e:
+        raise StudyError(f"bad geometry ({e}): spacing and origin need 3 numbers, direction 9") from None
+    singular = len(geometry[2]) == 9 and abs(np.linalg.det(np.reshape(geometry[2], (3, 3)))) < 1e-6
+    if not all(np.isfinite(v).all() for v in geometry) or min(geometry[0], default=0.0) <= 0 or singular:
+        raise StudyError(
+            f"bad geometry (spacing {geometry[0]}, origin {geometry[1]}, direction {geometry[2]}): spacing "
+            "needs positive numbers, origin finite ones, direction a rotation matrix (row-major)"
+        )
     image = sitk.GetImageFromArray(array)
     try:
-        image.SetSpacing([float(s) for s in spacing])
-        image.SetOrigin([float(o) for o in origin])
-        image.SetDirection([float(d) for d in direction])
+        image.SetSpacing(geometry[0])
+        image.SetOrigin(geometry[1])
+        image.SetDirection(geometry[2])
     except (RuntimeError, TypeError) as e:
         first = str(e).strip().splitlines()[-1][:120] if str(e).strip() else type(e).__name__
         raise StudyError(
@@ -185,6 +266,43 @@ def as_image(
     return to_image(volume, **{k: v for k, v in geometry.items() if v is not None})
 
 
+def _check_geometry(image: sitk.Image, what: str) -> None:
+    """A NaN or zero voxel size or orientation turns every physical point into NaN."""
+    spacing, direction = np.array(image.GetSpacing()), np.array(image.GetDirection())
+    finite = np.isfinite([*spacing, *image.GetOrigin(), *direction]).all()
+    d = image.GetDimension()
+    if not finite or (spacing <= 0).any() or abs(np.linalg.det(direction.reshape(d, d))) < 1e-6:
+        raise StudyError(
+            f"{what} has a NaN, zero or infinite voxel size, origin or orientation (spacing "
+            f"{tuple(spacing.tolist())}): rewrite it from the source series with its geometry"
+        )
+
+
+def _check_hounsfield(ct: np.ndarray) -> None:
+    """Refuse what no chest CT in Hounsfield units looks like: the model reads HU through a fixed
+    window, so a CT stored as raw scanner numbers (0..4095) gives confident, wrong diagnoses."""
+    lo, hi = float(ct.min()), float(ct.max())
+    if lo == hi:
+        raise StudyError(
+            f"CT is constant (every voxel is {lo:g}): it holds no image; export the series again"
+        )
+    if lo < HU_LIMITS[0] or hi > HU_LIMITS[1]:
+        raise StudyError(
+            f"CT values span {lo:g}..{hi:g}, beyond any CT in Hounsfield units ({HU_LIMITS[0]:g}.."
+            f"{HU_LIMITS[1]:g}): convert it to HU (stored value x rescale slope + rescale intercept)"
+        )
+    a, b = AIR_BAND_HU
+    air = sum(
+        int(np.count_nonzero((s >= a) & (s <= b))) for s in (ct[k : k + 16] for k in range(0, len(ct), 16))
+    )
+    if air < MIN_AIR_FRACTION * ct.size:
+        raise StudyError(
+            f"CT has no air ({air} voxels between {a:g} and {b:g} HU, where a chest CT's lungs and airways "
+            f"lie; values span {lo:g}..{hi:g}): if it holds raw scanner values (e.g. 0..4095), convert them "
+            "to HU with the series' rescale slope and intercept (HU = value x slope + intercept)"
+        )
+
+
 def _check_ct(ct: sitk.Image) -> None:
     if ct.GetDimension() != 3 or ct.GetNumberOfComponentsPerPixel() != 1:
         raise StudyError(
@@ -192,10 +310,16 @@ def _check_ct(ct: sitk.Image) -> None:
             "per voxel: pass one 3-D scalar volume (a whole series, not one slice)"
         )
     array = sitk.GetArrayViewFromImage(ct)
+    if np.iscomplexobj(array):
+        raise StudyError(
+            f"CT has complex voxels ({ct.GetPixelIDTypeAsString()}): pass a real-valued CT in HU"
+        )
     if np.issubdtype(array.dtype, np.floating):
         bad = int(np.count_nonzero(~np.isfinite(array)))
         if bad:
             raise StudyError(f"CT has {bad} NaN or infinite voxels: fix its reconstruction or conversion")
+    _check_geometry(ct, "CT")
+    _check_hounsfield(array)
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
@@ -230,7 +354,10 @@ def _labels_on_ct_grid(labels: sitk.Image, ct: sitk.Image) -> np.ndarray:
             f"node label map is a {labels.GetDimension()}-D image with "
             f"{labels.GetNumberOfComponentsPerPixel()} component(s): pass one 3-D integer label volume"
         )
+    _check_geometry(labels, "node label map")
     values = sitk.GetArrayViewFromImage(labels)
+    if np.iscomplexobj(values):
+        raise StudyError("node label map has complex values: it must hold one integer label per node")
     if np.issubdtype(values.dtype, np.floating):
         fractional = ~np.isfinite(values) | (values != np.round(values))
         if fractional.any():

@@ -1,7 +1,12 @@
 import csv
+import gzip
 import json
+import struct
+import subprocess
+import sys
 import threading
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -9,6 +14,7 @@ import SimpleITK as sitk
 from m2anet import NodeClassifier
 from m2anet.cli import predict
 from m2anet.data import make_study
+from m2anet.engines import InputError
 from m2anet.io import sha256_file
 from m2anet.manifest import ArtifactError, read_manifest, write_manifest
 from m2anet.preprocess import PreparedStudy, StudyError, prepare_study, read_image, short_axis_mm, to_image
@@ -50,10 +56,18 @@ def test_demo_runs_end_to_end_and_matches_the_generator(tmp_path, monkeypatch, c
     assert report["classifier"]["sha256"] == sha256_file(shipped_weights("m2anet_small"))
     assert set(report["timings_s"]) >= {"read_s", "preprocess_s", "infer_s", "total_s"}
     threshold = report["classifier"]["threshold"]
+    ct_path = out / "demo-study" / "ct.nii.gz"
+    itk_ct, ras_affine = sitk.ReadImage(str(ct_path)), nib.load(ct_path).affine
     for row, node, t in zip(rows, report["nodes"], truth, strict=True):
         assert row["status"] == "classified" and row["backend"] == "torch"
-        centroid = [node[f"centroid_{a}_mm"] for a in "xyz"]
+        centroid = [node[f"centroid_lps_{a}_mm"] for a in "xyz"]
+        assert [float(row[f"centroid_lps_{a}_mm"]) for a in "xyz"] == pytest.approx(centroid, rel=1e-5)
         np.testing.assert_allclose(centroid, t["centroid_mm"], atol=CENTROID_MM)
+        # the frame the column names promise: nibabel reads the same voxel at RAS = (-x, -y, z) of LPS
+        ijk = [node[f"voxel_{a}"] for a in "ijk"]
+        lps = np.array(itk_ct.TransformIndexToPhysicalPoint(ijk))
+        np.testing.assert_allclose((ras_affine @ [*ijk, 1])[:3], lps * [-1, -1, 1], atol=CENTROID_MM)
+        assert np.all(np.abs(lps - centroid) <= np.array(itk_ct.GetSpacing()) / 2 + CENTROID_MM)
         assert node["volume_mm3"] == pytest.approx(t["volume_mm3"], rel=VOLUME_REL)
         # the generator's short axis is a design parameter: twice the smallest semi-axis of an
         # ellipsoid whose margin ripples change its widths by up to ~20%, tilted at random so an
@@ -135,7 +149,7 @@ def test_study_rotated_in_patient_space_gives_the_same_results(classifier, study
         assert a["label"] == b["label"]
         # probabilities of patches equal to 1e-5 (HU scaled by 1/450): the network is smooth at that scale
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
-        for key in ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm"):
+        for key in ("centroid_lps_x_mm", "centroid_lps_y_mm", "centroid_lps_z_mm"):
             assert a[key] == pytest.approx(b[key], abs=CENTROID_MM)
         assert a["volume_mm3"] == pytest.approx(b["volume_mm3"], rel=VOLUME_REL)
         assert a["short_axis_mm"] == pytest.approx(b["short_axis_mm"], abs=1e-6)
@@ -191,11 +205,18 @@ def test_short_axis_of_a_rotated_rectangle():
 # ---------------------------------------------------------------- bad input, through the CLI
 
 
-def _small_study(folder, labels=None, **geometry):
-    """A 24 x 96 x 96 CT with two 6 mm cubes as nodes 1 and 2; the label map can be swapped."""
+def _small_hu():
+    """24 x 96 x 96 HU: fat, a strip of lung (a CT without air is refused) and two 6 mm nodes."""
     hu = np.random.default_rng(0).normal(-100, 20, (24, 96, 96)).astype(np.int16)
+    hu[:, :, 84:] = -850
     hu[10:13, 30:38, 30:38] = 40
     hu[10:13, 60:68, 60:68] = 45
+    return hu
+
+
+def _small_study(folder, labels=None, hu=None, **geometry):
+    """A 24 x 96 x 96 CT with two 6 mm cubes as nodes 1 and 2; the CT and label map can be swapped."""
+    hu = _small_hu() if hu is None else hu
     if labels is None:
         labels = np.zeros((24, 96, 96), np.uint16)
         labels[10:13, 30:38, 30:38] = 1
@@ -245,6 +266,18 @@ def _bad_case(case, tmp_path):
         hu[5, 5, 5] = np.nan
         sitk.WriteImage(to_image(hu, (0.8, 0.8, 3.0)), str(folder / "ct.nrrd"))
         return folder / "ct.nrrd", nodes
+    if case == "all_nan_nifti":  # ITK's NIfTI reader alone would read an all-zero (constant) CT
+        return _small_study(folder, hu=np.full((24, 96, 96), np.nan, np.float32))
+    if case == "raw_0_4095":  # stored values without the rescale intercept: air 0, fat 924
+        return _small_study(folder, hu=(_small_hu() + 1024).astype(np.uint16))
+    if case == "constant_ct":
+        return _small_study(folder, hu=np.full((24, 96, 96), 40, np.int16))
+    if case == "complex_ct":  # to_image refuses complex arrays: write it with SimpleITK itself
+        ct, nodes = _small_study(folder)
+        image = sitk.GetImageFromArray(_small_hu().astype(np.complex64))
+        image.SetSpacing((0.8, 0.8, 3.0))
+        sitk.WriteImage(image, str(ct))
+        return ct, nodes
     if case == "shifted_grid":
         return _small_study(folder, origin=(4.0, 0.0, 0.0))
     if case == "outside_grid":
@@ -280,6 +313,10 @@ def _bad_case(case, tmp_path):
     ("case", "message"),
     [
         ("nan_ct", "NaN"),
+        ("all_nan_nifti", "ct.nii.gz has 221184 NaN or infinite voxels"),
+        ("raw_0_4095", "no air"),
+        ("constant_ct", "CT is constant"),
+        ("complex_ct", "CT has complex voxels"),
         ("shifted_grid", "incompatible grid"),
         ("outside_grid", "incompatible grid"),
         ("empty_labels", "empty"),
@@ -296,6 +333,72 @@ def test_bad_input_fails_in_one_line_without_a_report(small, tmp_path, capsys, c
     errors = [line for line in err if line.startswith("m2a-predict: error:")]
     assert code == 2 and len(errors) == 1 and message in errors[0], err
     assert not (tmp_path / "out" / "nodes.csv").exists()
+
+
+def test_nan_voxel_size_in_a_nifti_header_fails_in_one_line_without_an_itk_dump(small, tmp_path, capfd):
+    ct, nodes = _small_study(tmp_path / "study")
+    header = bytearray(gzip.decompress(ct.read_bytes()))
+    header[80:84] = struct.pack("<f", float("nan"))  # pixdim[1]: the x voxel size
+    header[280:284] = struct.pack("<f", float("nan"))  # srow_x[0]: ITK prints an SVD dump for it
+    ct.write_bytes(gzip.compress(bytes(header)))
+    args = [str(ct), str(nodes), "--artifacts", str(small), "--precision", "fp32", "--quiet"]
+    assert predict.main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("m2a-predict: error:") and "NaN" in err[0], err
+    assert "voxel size" in err[0]
+
+
+def test_numpy_volumes_of_the_wrong_kind_fail_in_one_line(classifier, study, capfd):
+    ct, labels, _ = study
+    hu, nodes = sitk.GetArrayFromImage(ct), sitk.GetArrayFromImage(labels)
+    geometry = {"spacing": ct.GetSpacing()}
+    # a boolean mask of one node is a label map holding label 1
+    assert [r["label"] for r in classifier.predict_study(hu, nodes == 2, **geometry)] == [1]
+    cases = [
+        (hu.astype(np.complex64), geometry, "complex values"),
+        (hu > 0, geometry, "CT has no air"),
+        (hu, {"spacing": (float("nan"), 0.8, 3.0)}, "bad geometry"),
+        (hu, {"spacing": (0.8, 0.8, 0.0)}, "bad geometry"),
+    ]
+    for volume, kwargs, message in cases:
+        with pytest.raises(StudyError, match=message) as caught:
+            classifier.predict_study(volume, nodes, **kwargs)
+        assert "\n" not in str(caught.value)
+    assert "vnl_svd" not in capfd.readouterr().err  # ITK's SVD dump for a NaN spacing
+
+
+def test_a_chest_ct_with_scanner_padding_is_plausible(study):
+    """Outside the scanned circle scanners store a sentinel far below air: neither air nor out of range."""
+    ct, labels, _ = study
+    hu = sitk.GetArrayFromImage(ct)
+    _, yy, xx = np.indices(hu.shape)
+    outside = (yy - hu.shape[1] / 2) ** 2 + (xx - hu.shape[2] / 2) ** 2 > (hu.shape[1] / 2) ** 2
+    expected = prepare_study(ct, labels).ct  # the nodes' patches lie inside the circle
+    for sentinel in (-3024, -32768):
+        padded = to_image(np.where(outside, sentinel, hu).astype(np.int16), ct.GetSpacing())
+        np.testing.assert_array_equal(prepare_study(padded, labels).ct, expected)
+
+
+def test_predict_patches_refuses_raw_hu(classifier, study):
+    prepared = prepare_study(*study[:2])
+    raw = prepared.ct * 450.0 - 175.0  # the patches back in HU
+    with pytest.raises(InputError, match=r"values in \[-175, 275\], not \[0, 1\]: .*hu_to_input"):
+        classifier.predict_patches(raw, prepared.mask)
+
+
+def test_preprocess_imports_without_simpleitk():
+    """Training (short_axis_mm) runs on GPU images without SimpleITK; reading a study says what to install."""
+    code = (
+        "import sys\nsys.modules['SimpleITK'] = None\n"
+        "import numpy as np\nfrom m2anet.preprocess import short_axis_mm, to_image\n"
+        "print(short_axis_mm(np.ones((1, 5, 5), bool), (1.0, 1.0)))\n"
+        "try:\n    to_image(np.zeros((2, 2, 2)), (1, 1, 1))\nexcept ImportError as e:\n    print(e)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    width, message = run.stdout.strip().splitlines()
+    assert float(width) == pytest.approx(5.0)
+    assert message.startswith("m2anet.preprocess needs SimpleITK") and "pip install" in message
 
 
 def test_node_at_the_edge_is_skipped_and_reported_as_such(small, tmp_path, capsys):
@@ -325,6 +428,7 @@ def test_dicom_series_folder_reads_like_nifti(tmp_path):
 
 def test_large_node_is_classified_from_its_central_crop(classifier):
     hu = np.full((24, 96, 96), -100, np.int16)
+    hu[:, :, :4] = -1000  # air beside the body
     labels = np.zeros((24, 96, 96), np.uint16)
     labels[6:18, 10:86, 20:60] = 1  # 61 x 32 x 36 mm: wider than the 51.2 mm patch
     with pytest.warns(UserWarning, match="larger than the 16 x 64 x 64 patch"):
