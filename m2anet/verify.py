@@ -137,10 +137,11 @@ def verify(options: VerifyOptions) -> Verification:
         open_backend(options.reference, **model_opts) as reference,
         open_backend(spec, **cand_opts) as cand,
     ):
-        precision = ctx.get("precision") or spec.precision or cand.precision
+        # what runs, not what was asked: TF32 asked of a pre-Ampere GPU runs and is judged as FP32
+        precision = ctx.get("precision") or cand.precision
         tier_name = precision if options.tier == "auto" else options.tier
         if tier_name not in TIERS:
-            raise ValueError(f"no parity tier for precision {tier_name!r}: pass --tier fp32|fp16|int8")
+            raise ValueError(f"no parity tier for precision {tier_name!r}: pass --tier {'|'.join(TIERS)}")
         ref_out = run_cohort(reference, cohort, desc=f"reference {reference.name}")
         cand_out = run_cohort(cand, cohort, desc=f"candidate {cand.name}")
         report = compare(ref_out, cand_out, cohort, float(threshold), TIERS[tier_name], seed=options.seed)
@@ -154,6 +155,7 @@ def verify(options: VerifyOptions) -> Verification:
     report.update(
         {
             "candidate_spec": options.backend,
+            "precision": precision,
             "reference_spec": options.reference,
             "model": model_name,
             "heads": heads,
