@@ -12,23 +12,26 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from m2anet.engines.environment import cpu_flags
+from m2anet.engines.torch_backend import cuda_math
 from m2anet.model import PATCH_SHAPE
 
 COMPUTE_TYPES = {
     "fp32": ("fp32", "tf32"),
+    "tf32": ("fp32", "tf32"),
     "fp16": ("fp32", "tf32", "fp16"),
     "bf16": ("fp32", "tf32", "bf16"),
     "int8": ("fp32", "tf32", "fp16", "bf16", "int8"),
 }
-"""Matrix-product types a backend of each precision may use: its floor takes the fastest of them."""
+"""Matrix-product types a backend of each precision may use: its floor takes the fastest of them (an FP32
+TensorRT engine may use TF32, so FP32's floor is TF32's)."""
 
-WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+WEIGHT_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 IO_BYTES_PER_NODE = 4 * (3 * PATCH_SHAPE[0] * PATCH_SHAPE[1] * PATCH_SHAPE[2] + 1)
 """float32 ct + mask in, seg_logit + met_logit out: the Backend contract keeps I/O in float32."""
 
@@ -99,23 +102,6 @@ def _best_seconds(fn: Callable[[], object], sync: Callable[[], None], min_time_s
     return best
 
 
-@contextlib.contextmanager
-def _tf32(device: torch.device, enabled: bool) -> Iterator[None]:
-    """TF32 on or off for CUDA FP32 products, restored afterwards (TensorRT uses TF32 by default)."""
-    if device.type != "cuda":
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    # torch >= 2.9 sets this with fp32_precision; before, with the allow_tf32 flag
-    key = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
-    old = getattr(matmul, key)
-    setattr(matmul, key, ("tf32" if enabled else "ieee") if key == "fp32_precision" else enabled)
-    try:
-        yield
-    finally:
-        setattr(matmul, key, old)
-
-
 def _matmul(device: torch.device, kind: str, n: int, sync: Callable[[], None], min_time_s: float) -> float:
     if kind == "int8":
         a = torch.randint(-100, 100, (n, n), dtype=torch.int8, device=device)
@@ -124,7 +110,7 @@ def _matmul(device: torch.device, kind: str, n: int, sync: Callable[[], None], m
         return 2.0 * n**3 / seconds
     a = torch.randn(n, n, device=device).to(_DTYPES[kind])
     b = torch.randn(n, n, device=device).to(_DTYPES[kind])
-    with _tf32(device, kind == "tf32"):
+    with cuda_math(tf32=kind == "tf32") if device.type == "cuda" else contextlib.nullcontext():
         seconds = _best_seconds(lambda: torch.mm(a, b), sync, min_time_s)
     return 2.0 * n**3 / seconds
 

@@ -14,10 +14,17 @@ from m2anet.manifest import read_manifest
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
 TORCH_CUDA = (
     ("torch:cuda", {}),
+    ("torch:cuda:tf32", {}),
     ("torch:cuda:fp16", {}),
-    ("torch:cuda", {"channels_last": True}),
-    ("torch-compile:cuda", {"cuda_graphs": True}),
+    ("torch:cuda:bf16", {}),
+    ("torch:cuda:fp16", {"cuda_graphs": True}),
+    ("torch:cuda:bf16", {"cuda_graphs": True}),
+    ("torch-compile:cuda:fp16", {}),
+    ("torch-compile:cuda:bf16", {}),
 )
+"""The PyTorch GPU paths, cheapest first: eager in each precision (FP32 is the baseline; FP16 and BF16
+channels-last), eager with one CUDA graph per batch size, and torch.compile with CUDA graphs, which
+compiles once per process and batch shape (cached across runs) and comes last."""
 
 
 def open_target(target: BackendSpec, model: str, threads: int | None) -> Backend:

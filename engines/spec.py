@@ -5,9 +5,10 @@
     trt[:FILE.plan]
     triton:grpc://HOST:8001[/MODEL] | triton:http://HOST:8000[/MODEL]
 
+PRECISION of the torch kinds: fp32 (IEEE, TF32 off), tf32, fp16 or bf16 (autocast, channels-last).
 Any spec may end in `@key=value,...`: options of one runner (`torch:cpu@pad_single=false`,
-`torch-compile:cuda@cuda_graphs=true`), because variants such as channels-last are options of one
-backend, not backends of their own. A spec without its file (`ort:cpu`, `trt`) names a way to
+`torch:cuda:fp16@channels_last=false,cuda_graphs=true`), because variants such as channels-last are
+options of one backend, not backends of their own. A spec without its file (`ort:cpu`, `trt`) names a way to
 run an artifact folder; whoever holds the folder supplies the file (`with_artifact`).
 """
 
@@ -21,10 +22,10 @@ from typing import Any
 from m2anet.engines.base import Backend
 
 SPEC_HELP = (
-    "torch:cpu, torch:cuda[:fp16|bf16], torch-compile:cuda, torch-trt:cuda, ort:cpu:FILE.onnx, "
+    "torch:cpu, torch:cuda[:tf32|fp16|bf16], torch-compile:cuda[:...], torch-trt:cuda, ort:cpu:FILE.onnx, "
     "ort:cuda:FILE.onnx, ort:trt:FILE.onnx, trt:FILE.plan, triton:grpc://HOST:8001[/MODEL]"
 )
-TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+TORCH_PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 ORT_PROVIDERS = ("cpu", "cuda", "trt")
 
 RUNNERS = {

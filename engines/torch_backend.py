@@ -1,16 +1,30 @@
-"""PyTorch eager, torch.compile and torch-tensorrt runners of the reference model."""
+"""PyTorch eager, torch.compile and torch-tensorrt runners of the reference model.
+
+Precisions on CUDA mean what they say. `fp32` is IEEE FP32: PyTorch's default lets cuDNN round the
+operands of FP32 convolutions to TF32 (10-bit mantissa), which fails the fp32 parity tier. `tf32` asks for
+TF32 convolutions and matrix products. `fp16` and `bf16` run under autocast, channels-last by default:
+cuDNN's half-precision 3D convolutions are fast in NDHWC and slower than FP32 in NCDHW.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import json
+import os
+import threading
 import warnings
+from collections.abc import Callable, Iterator
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from m2anet.engines.base import INPUT_NAMES, Backend
+from m2anet.engines.spec import TORCH_PRECISIONS
 from m2anet.model import PATCH_SHAPE, Heads, create_model
 from m2anet.optional import lazy_import
 
@@ -24,14 +38,236 @@ torch_tensorrt = lazy_import(
 )
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_TF32 = {"fp32": False, "tf32": True}
+"""Whether each FP32 precision lets cuDNN and cuBLAS round their operands to TF32."""
+COMPILE_MODE = "default"
+"""torch.compile's mode here. Inductor's own CUDA graphs stay off: the graphs are this module's, one per batch
+size. `max-autotune-no-cudagraphs` also times Triton templates against cuDNN for every convolution, which
+takes minutes per graph; ci/gpu-check measures whether it pays before it becomes the default."""
+CACHE_ENV = "M2ANET_CACHE_DIR"
+
+_FLAGS_LOCK = threading.RLock()
+_MIXED = "refused: legacy and new TF32 settings mixed"
+
+
+def _read(getter: Callable[[], Any]) -> Any:
+    try:
+        return getter()
+    except RuntimeError:  # PyTorch refuses to answer a legacy query once a host mixed the two APIs
+        return _MIXED
+
+
+@functools.cache
+def _fp32_precision_nodes() -> dict[str, tuple[Any, Any]]:
+    """The `fp32_precision` settings (PyTorch >= 2.9) the scope may change, each with the one it inherits
+    from ("none"), parents first."""
+    b = torch.backends
+    if not hasattr(b, "fp32_precision"):
+        return {}
+    return {
+        "cuda": (b.cudnn, b),
+        "cuda.conv": (b.cudnn.conv, b.cudnn),
+        "cuda.rnn": (b.cudnn.rnn, b.cudnn),
+        "cuda.matmul": (b.cuda.matmul, b.cudnn),
+        "mkldnn.matmul": (b.mkldnn.matmul, b.mkldnn),
+    }
+
+
+def math_flags() -> dict[str, Any]:
+    """What every public getter of PyTorch's TF32 and cuDNN-benchmark settings answers now."""
+    b = torch.backends
+    state = {
+        "cudnn.allow_tf32": _read(lambda: b.cudnn.allow_tf32),
+        "cuda.matmul.allow_tf32": _read(lambda: b.cuda.matmul.allow_tf32),
+        "float32_matmul_precision": _read(torch.get_float32_matmul_precision),
+        "cudnn.benchmark": b.cudnn.benchmark,
+    }
+    state.update({name: node.fp32_precision for name, (node, _) in _fp32_precision_nodes().items()})
+    return state
+
+
+def _set_math(tf32: bool | None, cudnn_benchmark: bool | None) -> None:
+    """Through the legacy setters, which keep both APIs consistent (inductor and dynamo still read the
+    legacy ones, and raise on a mix); then the CUDA parent of the new API, so a host's
+    `torch.backends.fp32_precision = "tf32"` cannot reach the convolutions the legacy setter left
+    inheriting."""
+    b = torch.backends
+    if tf32 is not None:
+        b.cudnn.allow_tf32 = tf32
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        if _fp32_precision_nodes():
+            b.cudnn.fp32_precision = "tf32" if tf32 else "ieee"
+    if cudnn_benchmark is not None:
+        b.cudnn.benchmark = cudnn_benchmark
+
+
+def _restore_math(saved: dict[str, Any]) -> None:
+    """Back to `saved`, checked getter by getter. The new API's getters answer the effective value, so a
+    setting equal to its parent's comes back inherited ("none"). A legacy getter that refused to answer
+    (the host mixed the two APIs) leaves its value to be found: each candidate is tried until every
+    getter answers as before."""
+    b = torch.backends
+    cudnn = saved["cudnn.allow_tf32"]
+    matmul = saved["float32_matmul_precision"]
+    for cudnn_tf32, precision in itertools.product(
+        [False, True] if cudnn == _MIXED else [cudnn],
+        ["highest", "high", "medium"] if matmul == _MIXED else [matmul],
+    ):
+        b.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(precision)
+        b.cudnn.benchmark = saved["cudnn.benchmark"]
+        for name, (node, parent) in _fp32_precision_nodes().items():
+            if node.fp32_precision != saved[name]:
+                node.fp32_precision = "none" if saved[name] == parent.fp32_precision else saved[name]
+        if math_flags() == saved:
+            return
+    warnings.warn(
+        f"m2anet could not restore PyTorch's TF32 settings exactly (was {saved}, now {math_flags()})",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+@contextlib.contextmanager
+def cuda_math(tf32: bool | None = None, cudnn_benchmark: bool | None = None) -> Iterator[None]:
+    """TF32 on or off for CUDA convolutions and matrix products, and cuDNN's benchmark mode, for the body
+    only; None leaves a setting as it is. Every public getter answers as before afterwards, so a host
+    application's own settings are untouched.
+
+    The settings are process-wide in PyTorch (there is no per-thread one in Python), so the body holds one
+    process-wide lock: m2anet backends with different precisions in several threads take turns, and a host
+    thread running its own CUDA work during such a call sees the call's settings for its duration. The
+    flags act when a kernel is chosen: a CUDA graph captured inside keeps them without the lock."""
+    with _FLAGS_LOCK:
+        if tf32 is None:  # the half precisions: one flag, no TF32 state to save (tens of microseconds)
+            benchmark = torch.backends.cudnn.benchmark
+            try:
+                _set_math(None, cudnn_benchmark)
+                yield
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
+            return
+        saved = math_flags()
+        try:
+            _set_math(tf32, cudnn_benchmark)
+            yield
+        finally:
+            _restore_math(saved)
+
+
+def inductor_cache_dir(folder: str | Path | None = None) -> Path:
+    """Where torch.compile keeps compiled graphs, autotuning results and Triton kernels, so a later process
+    with the same model, precision and batch sizes loads them instead of compiling again.
+
+    `folder` if given; else TORCHINDUCTOR_CACHE_DIR if the process already set it; else
+    $M2ANET_CACHE_DIR/inductor; else ${XDG_CACHE_HOME:-~/.cache}/m2anet/inductor (inductor's own default,
+    /tmp/torchinductor_$USER, is gone after a reboot). Inductor reads only TORCHINDUCTOR_CACHE_DIR, so the
+    choice is written there and holds for every torch.compile in the process."""
+    if folder is None and os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    if folder is None:
+        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "m2anet"
+        folder = Path(os.environ.get(CACHE_ENV) or home) / "inductor"
+    path = Path(folder).expanduser().resolve()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
+def compile_options(mode: str, freezing: bool) -> dict[str, Any]:
+    """Inductor options of `mode` (torch.compile takes a mode or options, not both), plus `freezing`: the
+    weights become constants, so BatchNorm folds into the convolutions and autocast's half-precision
+    weight copies are made once instead of on every call."""
+    from torch._inductor import list_mode_options
+
+    try:
+        options = list_mode_options(mode)
+    except KeyError:
+        modes = ", ".join(list_mode_options())
+        raise ValueError(f"torch.compile mode {mode!r} does not exist: use one of {modes}") from None
+    return {**options, "freezing": freezing, "fx_graph_cache": True}
+
+
+def memory_format(device_type: str, precision: str, channels_last: bool | None = None) -> torch.memory_format:
+    """Channels-last (NDHWC) for fp16 and bf16 on CUDA, NCDHW otherwise, unless `channels_last` says."""
+    if channels_last is None:
+        channels_last = device_type == "cuda" and precision in _AUTOCAST
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """`x` (B, C, D, H, W) with NDHWC strides. A one-channel NCDHW tensor is already in that memory order and
+    is only re-strided: `contiguous(memory_format=...)` would leave its strides alone, and PyTorch's
+    convolutions choose their layout from the strides."""
+    if x.shape[1] == 1 and x.is_contiguous():
+        _, _, d, h, w = x.shape
+        return x.as_strided(x.shape, (d * h * w, 1, h * w, w, 1))
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+_Captured = tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
+"""A graph, its static inputs and its static outputs."""
+
+
+class CudaGraphs:
+    """One captured CUDA graph per batch size (torch.cuda.graphs' whole-network capture): static input
+    buffers, warm-up on a side stream, capture on the same stream, then copy in, replay, copy out. A replay
+    launches the whole network at once instead of each of its few hundred kernels, which is most of a
+    single node's time in eager PyTorch. Outputs are cloned, so the next replay cannot overwrite what a
+    caller holds. Not thread-safe: one set of static buffers per batch size, as a TensorRT context."""
+
+    def __init__(
+        self,
+        run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
+        layout: torch.memory_format,
+        warmup: int = 3,
+    ) -> None:
+        self.run, self.layout, self.warmup = run, layout, warmup
+        self.graphs: dict[tuple[int, torch.device], _Captured] = {}
+
+    def __call__(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = (ct.shape[0], ct.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(ct, mask)
+        graph, inputs, outputs = self.graphs[key]
+        for buffer, x in zip(inputs, (ct, mask), strict=True):
+            buffer.copy_(x)
+        graph.replay()
+        return tuple(o.clone() for o in outputs)
+
+    def _capture(self, ct: torch.Tensor, mask: torch.Tensor) -> _Captured:
+        """Warm-up runs first (cuDNN's benchmark, torch.compile's compilation and autotuning synchronise,
+        which a capture forbids), on the capture's stream so its cuBLAS workspace exists before capture."""
+        inputs = tuple(torch.empty_like(x, memory_format=self.layout).copy_(x) for x in (ct, mask))
+        caller = torch.cuda.current_stream(ct.device)
+        stream = torch.cuda.Stream(ct.device)
+        stream.wait_stream(caller)
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                self.run(*inputs)
+        caller.wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            outputs = self.run(*inputs)
+        caller.wait_stream(stream)
+        return graph, inputs, outputs
+
+
+def _inductor_graphs(mode: str) -> bool:
+    return bool(compile_options(mode, False).get("triton.cudagraphs"))
 
 
 class TorchBackend(Backend):
-    """Eager PyTorch; on CUDA optionally FP16/BF16 autocast, channels-last, torch.compile.
+    """Eager PyTorch or torch.compile on the CPU or CUDA; torch-tensorrt with `tensorrt_batch`.
 
     On the CPU a batch of one falls into `aten::slow_conv3d_forward` instead of oneDNN (about
     3x slower per node than batch 2 on the reference machine); `pad_single=True` (default)
     runs a single node as a batch of two and drops the copy, so users are not left on it.
+
+    On CUDA: `precision` fp32 | tf32 | fp16 | bf16 (module doc); `channels_last` (default on for fp16 and
+    bf16) puts weights and inputs in NDHWC; `cuda_graphs` replays one captured CUDA graph per batch size
+    (default on for torch-compile); `cudnn_benchmark` lets cuDNN time its algorithms once per shape.
+    torch-compile compiles with inductor's `mode`, `freezing` and torch.compile's `dynamic` (None: batch 1,
+    then one graph for every other batch size), cached in `inductor_cache_dir(cache_dir)`.
     """
 
     def __init__(
@@ -42,37 +278,71 @@ class TorchBackend(Backend):
         heads: Heads = "both",
         weights: str | None = None,
         compile: bool = False,
-        cuda_graphs: bool = False,
-        channels_last: bool = False,
+        cuda_graphs: bool | None = None,
+        channels_last: bool | None = None,
         pad_single: bool = True,
         tensorrt_batch: tuple[int, int, int] | None = None,
+        cudnn_benchmark: bool = True,
+        mode: str = COMPILE_MODE,
+        freezing: bool = True,
+        dynamic: bool | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         """`tensorrt_batch=(min, opt, max)` compiles with torch-tensorrt's dynamo path instead."""
-        if precision not in ("fp32", *_AUTOCAST):
-            raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
-        if precision != "fp32" and not device.startswith("cuda"):
-            raise ValueError(
-                f"{precision} autocast is only offered on cuda: use precision='fp32' on {device}"
-            )
+        if precision not in TORCH_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
         self.torch_device = torch.device(device)
+        cuda = self.torch_device.type == "cuda"
+        if precision != "fp32" and not cuda:
+            raise ValueError(f"{precision} is offered on cuda only: use precision='fp32' on {device}")
+        inductor_graphs = compile and _inductor_graphs(mode)
+        if cuda_graphs is None:
+            cuda_graphs = compile and cuda and not inductor_graphs
+        if cuda_graphs and not cuda:
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {device}: drop cuda_graphs=true")
+        if cuda_graphs and (inductor_graphs or tensorrt_batch is not None):
+            owner = "torch-trt" if tensorrt_batch else f"mode {mode}"
+            raise ValueError(
+                f"cuda_graphs=true would capture what captures its own graphs ({owner}): "
+                "drop cuda_graphs or pick another mode"
+            )
+        if tensorrt_batch is not None and channels_last is None:
+            channels_last = False  # torch-tensorrt picks the engine's layouts itself
+        self.memory_format = memory_format(self.torch_device.type, precision, channels_last)
         model = create_model(model_name, pretrained=weights is None, heads=heads, weights=weights)
-        model = model.to(self.torch_device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last_3d)
-        self.model = model
-        self.forward = model
-        if compile:
-            mode = "reduce-overhead" if cuda_graphs else None  # CUDA graphs via inductor's cudagraph trees
-            self.forward = torch.compile(model, mode=mode, dynamic=False)
+        self.model = model.to(self.torch_device, memory_format=self.memory_format)
+        self.forward: Callable[..., Any] = self.model
         self.name = "torch-compile" if compile else "torch"
+        if compile:
+            inductor_cache_dir(cache_dir)
+            self.forward = torch.compile(self.model, options=compile_options(mode, freezing), dynamic=dynamic)
         self.autocast = _AUTOCAST.get(precision)
+        flags: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         if tensorrt_batch is not None:
-            self.forward = _torch_tensorrt(model, tensorrt_batch, precision)
+            self.forward = _torch_tensorrt(self.model, tensorrt_batch, precision)
             self.name, self.max_batch, self.autocast = "torch-trt", tensorrt_batch[2], None
+        elif cuda:
+            flags = functools.partial(cuda_math, _TF32.get(precision), cudnn_benchmark)
+            if precision == "tf32" and torch.cuda.get_device_capability(self.torch_device)[0] < 8:
+                precision = "fp32"  # TF32 needs Ampere or newer: before it, what runs and is reported is FP32
+        self._flags = flags
         self.precision, self.device = precision, str(self.torch_device)
         self.outputs = self.outputs[: 2 if heads == "both" else 1]
-        self.channels_last = channels_last
-        self.pad_single = pad_single and self.torch_device.type == "cpu"
+        self.channels_last = self.memory_format == torch.channels_last_3d
+        self.pad_single = pad_single and not cuda
+        self.graphs = CudaGraphs(self._call, self.memory_format) if cuda_graphs else None
+
+    def _call(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One forward in this backend's precision, float32 out: what a CUDA graph captures. Autocast
+        without its weight cache, which CUDA graph capture does not support."""
+        dtype, device = self.autocast, self.torch_device.type
+        with (
+            self._flags(),
+            torch.autocast(device, dtype=dtype, enabled=dtype is not None, cache_enabled=False),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")
+            return tuple(o.float() for o in self.forward(ct, mask))
 
     @torch.no_grad()
     def infer_torch(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -81,20 +351,19 @@ class TorchBackend(Backend):
         if single:
             ct, mask = ct.expand(2, -1, -1, -1, -1), mask.expand(2, -1, -1, -1, -1)
         if self.channels_last:
-            ct = ct.contiguous(memory_format=torch.channels_last_3d)
-        dtype = self.autocast
-        with (
-            torch.autocast(self.torch_device.type, dtype=dtype, enabled=dtype is not None),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore")
-            out = self.forward(ct, mask)
-        return tuple(o[:1].float() if single else o.float() for o in out)
+            ct, mask = channels_last(ct), channels_last(mask)
+        out = self.graphs(ct, mask) if self.graphs is not None else self._call(ct, mask)
+        return tuple(o[:1] for o in out) if single else out
 
     def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
         dev = self.torch_device
         out = self.infer_torch(torch.from_numpy(ct).to(dev), torch.from_numpy(mask).to(dev))
         return tuple(o.cpu().numpy() for o in out)
+
+    def close(self) -> None:
+        """Release the captured graphs and their memory pools."""
+        if self.graphs is not None:
+            self.graphs.graphs.clear()
 
 
 def compile_keywords(version: str, wanted: dict[str, Any]) -> dict[str, Any]:

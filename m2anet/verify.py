@@ -152,10 +152,11 @@ def verify(options: VerifyOptions) -> Verification:
         threshold = options.threshold or ctx.get("threshold") or training_record(model_name)["threshold"]
         model_opts = {"model_name": model_name, "heads": heads, "weights": ctx.get("weights")}
         reference = stack.enter_context(open_backend(options.reference, **model_opts))
-        precision = ctx.get("precision") or spec.precision or cand.precision
+        # what runs, not what was asked: TF32 asked of a pre-Ampere GPU runs and is judged as FP32
+        precision = ctx.get("precision") or cand.precision
         tier_name = precision if options.tier == "auto" else options.tier
         if tier_name not in TIERS:
-            raise ValueError(f"no parity tier for precision {tier_name!r}: pass --tier fp32|fp16|int8")
+            raise ValueError(f"no parity tier for precision {tier_name!r}: pass --tier {'|'.join(TIERS)}")
         ref_out = run_cohort(reference, cohort, desc=f"reference {reference.name}")
         cand_out = run_cohort(cand, cohort, desc=f"candidate {cand.name}")
         report = compare(ref_out, cand_out, cohort, float(threshold), TIERS[tier_name], seed=options.seed)
@@ -169,6 +170,7 @@ def verify(options: VerifyOptions) -> Verification:
     report.update(
         {
             "candidate_spec": options.backend,
+            "precision": precision,
             "reference_spec": options.reference,
             "model": model_name,
             "heads": heads,

@@ -309,8 +309,10 @@ def test_cpu_scenarios_end_to_end_then_select_and_compare(small, tmp_path, capsy
     for choice in selection.values():
         assert entries[choice["artifact"]]["parity"]["passed"]
         ranked = [choice, *choice["runners_up"]]
-        assert len(ranked) + len(choice["excluded"]) == 3
-        assert all(not entries[e["artifact"]]["parity"]["passed"] for e in choice["excluded"])
+        assert len(ranked) + len(choice["excluded"]) == 5  # PyTorch on the CPU is the reference, excluded
+        excluded = [e for e in choice["excluded"] if e["artifact"]]
+        assert [e["backend"] for e in choice["excluded"] if not e["artifact"]] == labels[:2]
+        assert all(not entries[e["artifact"]]["parity"]["passed"] for e in excluded)
         values = [c["value"] for c in ranked]
         assert values == sorted(values, reverse=choice["higher_is_better"])
 

@@ -16,15 +16,16 @@ from typing import Any
 
 from m2anet.bench import compare, report
 from m2anet.bench.scenarios import SCENARIOS
-from m2anet.bench.select import select
 from m2anet.bench.suite import (
     BenchOptions,
     BenchRun,
     ServerOptions,
+    artifact_folder,
     run_bench,
     run_server_bench,
     server_markdown,
 )
+from m2anet.best import select_verified
 from m2anet.engines import BackendSpec
 from m2anet.engines.spec import SPEC_HELP
 from m2anet.manifest import ArtifactError
@@ -69,7 +70,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads")
     ap.add_argument("--out", type=Path, help="report folder (default: ARTIFACTS/MODEL/bench)")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
-    ap.add_argument("--select", action="store_true", help="record the fastest parity-passing artifact")
+    ap.add_argument(
+        "--select",
+        action="store_true",
+        help="record in the artifact folder's manifest the fastest backend that passed its parity tier "
+        "(PyTorch GPU paths are verified first)",
+    )
+    ap.add_argument("--verify-nodes", type=int, default=192, help="--select: test nodes per PyTorch GPU path")
     ap.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two bench.json reports")
     ap.add_argument(
         "--threshold", type=float, default=0.10, help="--compare fails past this loss (0.10: 10%%)"
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if lost else 0
     try:
         if args.select and args.backend and not any(BackendSpec.parse(b).artifact for b in args.backend):
-            raise ValueError("--select needs artifact backends (ort:... or trt:...), not only torch")
+            artifact_folder(options)  # the choice is recorded in its manifest: it must exist
         run = run_bench(options)
     except (ValueError, ArtifactError, OSError) as e:
         print(f"m2a-bench: error: {e}", file=sys.stderr)
@@ -149,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     print_run(run, args.json)
     if args.select:
         folders = dict.fromkeys(Path(r["artifact"]).parent for r in run.report["backends"] if r["artifact"])
-        for folder in folders:
-            print_selection(select(run.report, folder, run.paths["json"]), folder, args.json)
+        chosen = select_verified(run, list(folders) or [options.folder], args.verify_nodes)
+        for folder, selection in chosen.items():
+            print_selection(selection, folder, args.json)
     return 1 if run.failed else 0
 
 

@@ -1,52 +1,108 @@
 """`m2a-train`: train a config on the synthetic cohort and write weights plus a training record.
 
 Seeded and deterministic on the CPU (same seed, same thread count -> same weights), unless
-`--max-minutes` cuts the run short.
+`--max-minutes` cuts the run short. `--device cuda` trains in bf16 autocast and channels-last.
+`--throughput STEPS` measures training nodes/s on the device instead, writing no weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 import torch
 
 from m2anet.io import write_json
 from m2anet.model import list_models
-from m2anet.train import train
+from m2anet.train import TRAIN_DEFAULTS, train, train_throughput
 from m2anet.weights import save_weights
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    cpu, cuda = TRAIN_DEFAULTS["cpu"], TRAIN_DEFAULTS["cuda"]
     ap = argparse.ArgumentParser(prog="m2a-train", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="m2anet_small", choices=list_models())
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help=f"default: {cpu['precision']} on the CPU, {cuda['precision']} autocast on cuda",
+    )
+    ap.add_argument(
+        "--batch", type=int, default=None, help=f"default: {cpu['batch']} on the CPU, {cuda['batch']} on cuda"
+    )
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"peak learning rate; default: {cpu['lr']:g} on the CPU, {cuda['lr']:g} on cuda",
+    )
     ap.add_argument("--n-train", type=int, default=None, help="use the first N training nodes")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time")
     ap.add_argument("--init", type=Path, default=None, help="continue from these weights")
+    ap.add_argument(
+        "--throughput",
+        type=int,
+        metavar="STEPS",
+        help="measure training nodes/s over STEPS timed steps (after 5 untimed) and write "
+        "<model>.throughput.json instead of training",
+    )
     ap.add_argument(
         "--out",
         type=Path,
         default=Path("."),
         help="folder for <model>.safetensors/.json",
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
-    if args.epochs < 1 or args.batch < 2:
-        ap.error("--epochs must be >= 1 and --batch >= 2 (BatchNorm needs two nodes per batch)")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    model, record = train(
-        args.model,
-        args.epochs,
-        args.seed,
-        args.batch,
-        args.lr,
-        args.n_train,
-        args.max_minutes,
-        args.init,
-    )
+    kind = args.device.split(":")[0]
+    if kind not in TRAIN_DEFAULTS:
+        ap.error(f"--device {args.device}: use cpu, cuda or cuda:N")
+    batch = args.batch or int(TRAIN_DEFAULTS[kind]["batch"])
+    lr = args.lr or float(TRAIN_DEFAULTS[kind]["lr"])
+    if args.epochs < 1 or batch < 2 or (args.throughput is not None and args.throughput < 1):
+        ap.error(
+            "--epochs and --throughput must be >= 1 and --batch >= 2 (BatchNorm needs two nodes per batch)"
+        )
+    try:
+        if args.throughput is not None:
+            result = train_throughput(
+                args.model,
+                args.device,
+                batch,
+                args.throughput,
+                n_train=args.n_train or 64,
+                precision=args.precision,
+                seed=args.seed,
+            )
+            write_json(args.out / f"{args.model}.throughput.json", result)
+            print(json.dumps(result))
+            return 0
+        if kind == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        model, record = train(
+            args.model,
+            args.epochs,
+            args.seed,
+            batch,
+            lr,
+            args.n_train,
+            args.max_minutes,
+            args.init,
+            args.device,
+            args.precision,
+        )
+    except ValueError as e:
+        print(f"m2a-train: error: {e}", file=sys.stderr)
+        return 2
     weights = args.out / f"{args.model}.safetensors"
     save_weights(
         model,
@@ -57,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     t, b = record["test"], record["test_size_rule"]["contour"]
     print(
         f"{args.model}: test accuracy {t['accuracy']:.3f} AUC {t['auc']:.3f} Dice {t['dice']:.3f} "
-        f"(size rule on the contour: accuracy {b['accuracy']:.3f} AUC {b['auc']:.3f}) -> {weights}"
+        f"(size rule on the contour: accuracy {b['accuracy']:.3f} AUC {b['auc']:.3f}) on {record['device']}, "
+        f"{record['train_nodes_per_s']:.0f} nodes/s -> {weights}"
     )
     return 0
 
