@@ -398,7 +398,7 @@ def test_preprocess_imports_without_simpleitk():
     assert run.returncode == 0, run.stderr
     width, message = run.stdout.strip().splitlines()
     assert float(width) == pytest.approx(5.0)
-    assert message.startswith("m2anet.preprocess needs SimpleITK") and "pip install" in message
+    assert message.startswith("SimpleITK is not installed") and "pip install" in message
 
 
 def test_node_at_the_edge_is_skipped_and_reported_as_such(small, tmp_path, capsys):
