@@ -9,6 +9,7 @@ would show.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,23 @@ def artifact_context(spec: BackendSpec) -> dict[str, Any]:
     }
 
 
+def served_context(backend: Backend) -> dict[str, Any]:
+    """Model, heads and threshold a Triton server's config records (m2a-triton writes them), so that
+    the reference is the model the server runs."""
+    params: dict[str, str] | None = getattr(backend, "parameters", None)
+    if params is None:
+        return {}
+    ctx: dict[str, Any] = {}
+    for key, param in (("model_name", "m2anet_model"), ("heads", "m2anet_heads")):
+        if param in params:
+            ctx[key] = params[param]
+    if "m2anet_threshold" in params:
+        ctx["threshold"] = float(params["m2anet_threshold"])
+    if getattr(backend, "max_batch", None):
+        ctx["max_batch"] = backend.max_batch
+    return ctx
+
+
 def stress_inputs(cohort: Cohort, batch: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     n = min(8, len(cohort))
@@ -127,16 +145,22 @@ def verify(options: VerifyOptions) -> Verification:
     with `diagnose`, a failing INT8 graph also gets the layers to keep in FP32."""
     spec = BackendSpec.parse(options.backend)
     ctx = artifact_context(spec)
-    model_name = ctx.get("model_name", options.model)
-    heads = ctx.get("heads", options.heads)
-    threshold = options.threshold or ctx.get("threshold") or training_record(model_name)["threshold"]
-    model_opts = {"model_name": model_name, "heads": heads, "weights": ctx.get("weights")}
     cohort = load_split(options.split, n=options.n)
-    cand_opts = model_opts if spec.kind.startswith("torch") else {}  # artifacts and servers know their model
-    with (
-        open_backend(options.reference, **model_opts) as reference,
-        open_backend(spec, **cand_opts) as cand,
-    ):
+    with contextlib.ExitStack() as stack:
+        model_opts = {
+            "model_name": ctx.get("model_name", options.model),
+            "heads": ctx.get("heads", options.heads),
+            "weights": ctx.get("weights"),
+        }
+        # artifacts and servers know their model; the reference is opened once the candidate told it
+        cand_opts = model_opts if spec.kind.startswith("torch") else {}
+        cand = stack.enter_context(open_backend(spec, **cand_opts))
+        ctx = {**served_context(cand), **ctx}
+        model_name = ctx.get("model_name", options.model)
+        heads = ctx.get("heads", options.heads)
+        threshold = options.threshold or ctx.get("threshold") or training_record(model_name)["threshold"]
+        model_opts.update(model_name=model_name, heads=heads)
+        reference = stack.enter_context(open_backend(options.reference, **model_opts))
         precision = ctx.get("precision") or spec.precision or cand.precision
         tier_name = precision if options.tier == "auto" else options.tier
         if tier_name not in TIERS:
