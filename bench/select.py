@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from m2anet.manifest import read_manifest, write_manifest
+from m2anet.manifest import MANIFEST, ArtifactError, is_signed, read_manifest, write_manifest
 
 CRITERIA = {
     "single": ("p90 latency ms", lambda s: s["latency_ms"]["p90"], False),  # MLPerf SingleStream's metric
@@ -33,7 +33,7 @@ def _candidates(report: dict[str, Any], folder: Path, scenario: str) -> tuple[li
             excluded.append({"artifact": name, "backend": b["backend"], "reason": b["error"]})
         elif not parity or not parity.get("passed"):
             reason = (
-                "no parity record"
+                "not verified (no parity result: re-run m2a-export)"
                 if not parity
                 else "parity failed: " + "; ".join(parity.get("failures", []))
             )
@@ -57,8 +57,11 @@ def _candidates(report: dict[str, Any], folder: Path, scenario: str) -> tuple[li
     return ranked, excluded
 
 
-def select(report: dict[str, Any], folder: Path, report_path: Path | None = None) -> dict[str, Any]:
-    """Record the choice for every scenario the report measured; returns the selection written."""
+def select(
+    report: dict[str, Any], folder: Path, report_path: Path | None = None, sign: Path | None = None
+) -> dict[str, Any]:
+    """Record the choice for every scenario the report measured; returns the selection written.
+    A signed manifest is re-signed with `sign`, and refused without it rather than left unsigned."""
     env = report["environment"]
     scenarios = dict.fromkeys(s["scenario"] for b in report["backends"] for s in b["steps"])
     selection = {}
@@ -80,5 +83,11 @@ def select(report: dict[str, Any], folder: Path, report_path: Path | None = None
         }
     if selection:
         manifest = read_manifest(folder)
-        write_manifest(folder, {**manifest, "selection": {**manifest.get("selection", {}), **selection}})
+        if is_signed(manifest) and sign is None:
+            raise ArtifactError(
+                f"{folder / MANIFEST} is signed and recording the selection would drop the signature: "
+                "pass --sign KEYFILE"
+            )
+        selection_all = {**manifest.get("selection", {}), **selection}
+        write_manifest(folder, {**manifest, "selection": selection_all}, sign=sign)
     return selection

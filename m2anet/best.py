@@ -27,4 +27,4 @@ def benchmark_and_select(export: ExportOptions, result: ExportResult) -> tuple[B
             command=[*command, *threads],
         )
     )
-    return run, select(run.report, result.folder, run.paths["json"])
+    return run, select(run.report, result.folder, run.paths["json"], sign=export.sign)

@@ -19,7 +19,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from m2anet.io import atomic_path
+from m2anet.io import atomic_path, is_plain_name
 from m2anet.manifest import ArtifactError, artifact_entry, artifact_name, check_parity, read_manifest
 
 PRECISION_MODE = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}
@@ -101,6 +101,10 @@ def write_repository(
     allow_parity_fail: bool = False,
 ) -> Path:
     """Copy one verified artifact into `out/NAME/1/` and write `out/NAME/config.pbtxt`."""
+    if not is_plain_name(name):
+        raise ValueError(
+            f"model name {name!r} is not a folder name inside the repository: use letters, digits, '-', '_'"
+        )
     folder = Path(folder)
     manifest = read_manifest(folder)
     artifact = pick_artifact(manifest, precision, fmt)

@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="report folder (default: ARTIFACTS/MODEL/bench)")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     ap.add_argument("--select", action="store_true", help="record the fastest parity-passing artifact")
+    ap.add_argument(
+        "--sign", type=Path, metavar="KEYFILE", help="--select: re-sign manifest.json with this Ed25519 key"
+    )
     ap.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two bench.json reports")
     ap.add_argument(
         "--threshold", type=float, default=0.10, help="--compare fails past this loss (0.10: 10%%)"
@@ -119,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.select:
         folders = dict.fromkeys(Path(r["artifact"]).parent for r in run.report["backends"] if r["artifact"])
         for folder in folders:
-            print_selection(select(run.report, folder, run.paths["json"]), folder, args.json)
+            try:
+                chosen = select(run.report, folder, run.paths["json"], sign=args.sign)
+            except ArtifactError as e:
+                print(f"m2a-bench: error: {e}", file=sys.stderr)
+                return 2
+            print_selection(chosen, folder, args.json)
     return 1 if run.failed else 0
 
 

@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from m2anet.manifest import ArtifactError
 from m2anet.triton import PRECISION_MODE, write_repository
 
 
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             instances=args.instances,
             allow_parity_fail=args.allow_parity_fail,
         )
-    except (ArtifactError, OSError) as e:
+    except (ValueError, OSError) as e:  # ArtifactError is a ValueError
         print(f"m2a-triton: error: {e}", file=sys.stderr)
         return 2
     print(f"model repository: {model_dir.parent} (model {args.name!r}; see docs/embedding.md to serve it)")
