@@ -86,6 +86,8 @@ def _notes(b: dict[str, Any], s: dict[str, Any]) -> str:
         notes.append("THROTTLED: " + ", ".join(tel["throttle_reasons"]))
     if b.get("parity_passed") is False:
         notes.append("parity FAILED")
+    elif b.get("artifact") and b.get("parity_passed") is None:
+        notes.append("parity not verified")
     return "; ".join(notes)
 
 

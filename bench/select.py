@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from m2anet.io import sha256_file
-from m2anet.manifest import read_manifest, write_manifest
+from m2anet.manifest import MANIFEST, ArtifactError, is_signed, read_manifest, write_manifest
 from m2anet.weights import shipped_weights
 
 CRITERIA = {
@@ -40,7 +40,7 @@ def exclusion(
     if b.get("artifact"):
         record = manifest.get("artifacts", {}).get(Path(b["artifact"]).name, {}).get("parity")
         if not record:
-            return "no parity record in the manifest", None
+            return "not verified (no parity result: re-run m2a-export)", None
         return (None if record.get("passed") else _failed(record)), record
     if b.get("device_kind") != "cuda":
         return "PyTorch on the CPU: the FP32 reference the candidates are verified against", None
@@ -98,9 +98,11 @@ def select(
     folder: Path,
     report_path: Path | None = None,
     parity: dict[str, dict[str, Any]] | None = None,
+    sign: Path | None = None,
 ) -> dict[str, Any]:
     """Record the choice for every scenario the report measured; returns the selection written.
-    `parity`: the verification of each PyTorch GPU path, by its report label."""
+    `parity`: the verification of each PyTorch GPU path, by its report label. A signed manifest is
+    re-signed with `sign`, and refused without it rather than left unsigned."""
     env = report["environment"]
     scenarios = dict.fromkeys(s["scenario"] for b in report["backends"] for s in b["steps"])
     selection = {}
@@ -124,5 +126,11 @@ def select(
         }
     if selection:
         manifest = read_manifest(folder)
-        write_manifest(folder, {**manifest, "selection": {**manifest.get("selection", {}), **selection}})
+        if is_signed(manifest) and sign is None:
+            raise ArtifactError(
+                f"{folder / MANIFEST} is signed and recording the selection would drop the signature: "
+                "pass --sign KEYFILE"
+            )
+        selection_all = {**manifest.get("selection", {}), **selection}
+        write_manifest(folder, {**manifest, "selection": selection_all}, sign=sign)
     return selection

@@ -26,7 +26,7 @@ from m2anet.engines.base import run_cohort
 from m2anet.engines.ort_backend import OrtBackend
 from m2anet.export.int8 import Calibration, CalibrationReader, quantize_int8
 from m2anet.io import sha256_file
-from m2anet.manifest import artifact_entry, write_manifest
+from m2anet.manifest import TRUSTED_KEY_ENV, artifact_entry, trusted_key, write_manifest
 from m2anet.parity import TIERS, compare
 
 
@@ -51,6 +51,11 @@ def layer_sensitivity(fp32: Path, int8: Path, nodes: int = 16) -> list[tuple[str
 def diagnose_int8(int8: Path, reference: list[np.ndarray], cohort: Cohort, threshold: float) -> dict:
     """Exclude the worst layers until the int8 tier passes against the `reference` outputs on
     `cohort`; returns the ranking, the trials and the advice."""
+    if trusted_key() is not None:  # the trial graphs' manifests are sealed but cannot be signed
+        raise ValueError(
+            f"--diagnose re-quantizes into unsigned trial folders, which {TRUSTED_KEY_ENV} refuses: "
+            "run it where you export, without that variable"
+        )
     entry = artifact_entry(int8)
     if entry["precision"] != "int8" or not int8.name.endswith(".onnx"):
         raise ValueError("--diagnose needs an INT8 ONNX artifact: m2a-verify ort:cpu:FOLDER/model.int8.onnx")

@@ -4,11 +4,19 @@ Precision is decided in the ONNX graph and verified on ONNX Runtime before Tenso
 TensorRT then builds exactly the types it is given (strongly typed networks, as TensorRT 11
 requires). Artifacts whose recipe and hash still match the manifest are reused. `m2a-export` is
 the command line over `export_artifacts`.
+
+A run killed at any point can be rerun: the manifest is rewritten after every artifact and after
+every parity check, an entry is reused only with its parity recorded for this threshold and
+parity cohort (an intact file without one gets its check redone), and the temporary files of
+the killed run are removed. Entries of precisions this run does not build are kept while their
+files and their sources are unchanged, so exporting one precision does not drop the others.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +37,18 @@ from m2anet.export.int8 import Calibration, quantize_int8
 from m2anet.export.onnx_export import ExportError, export_fp32, io_signature, max_abs_diff
 from m2anet.export.tensorrt_build import build_engine
 from m2anet.io import sha256_file
-from m2anet.manifest import PRECISIONS, ArtifactError, artifact_name, read_manifest, write_manifest
+from m2anet.manifest import (
+    MANIFEST,
+    PRECISIONS,
+    TRUSTED_KEY_ENV,
+    ArtifactError,
+    artifact_name,
+    key_id,
+    read_manifest,
+    signing_key,
+    trusted_key,
+    write_manifest,
+)
 from m2anet.model import config_dict, create_model, get_config
 from m2anet.parity import FP32_LOGIT_TOLERANCE, TIERS, compare
 from m2anet.weights import shipped_weights, training_record
@@ -57,6 +76,8 @@ class ExportOptions:
     opt_level: int = 3
     version_compatible: bool = False
     hardware_compatible: bool = False
+    sign: Path | None = None
+    """Ed25519 private key (PEM) that signs the manifest."""
     quiet: bool = False
     command: str = "m2a-export"
     """Recorded in the manifest: the exact command that built the folder."""
@@ -77,15 +98,31 @@ def export_artifacts(options: ExportOptions, precisions: tuple[str, ...] = PRECI
     FP32 is always built first: the others are derived from it. An artifact that fails its
     parity tier is recorded with the failure and gets no engine."""
     exporter = Exporter(options)
-    failed = []
-    for precision in dict.fromkeys(("fp32", *precisions)):
-        entry = exporter.onnx_artifact(precision)
-        if not entry["parity"]["passed"]:
-            failed.append(precision)
-            continue
-        exporter.engine(precision)
-    manifest = exporter.write_manifest()
+    try:
+        failed = []
+        for precision in dict.fromkeys(("fp32", *precisions)):
+            entry = exporter.onnx_artifact(precision)
+            if not entry["parity"]["passed"]:
+                failed.append(precision)
+                continue
+            exporter.engine(precision)
+        manifest = exporter.finish()
+    finally:
+        exporter.close()
     return ExportResult(exporter.folder, manifest, exporter.stages, failed)
+
+
+def _lock(folder: Path) -> int:
+    """An exclusive lock on the folder for the whole run: two exports into one folder would overwrite
+    each other's manifest, and the stale temporary files removed at start are then surely not
+    another run's. The kernel drops the lock when the process dies, however it dies."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ArtifactError(f"another m2a-export is writing {folder}: wait for it to finish") from None
+    return fd
 
 
 class Exporter:
@@ -99,16 +136,61 @@ class Exporter:
         self.weights = Path(args.weights) if args.weights else shipped_weights(args.model)
         self.weights_sha = sha256_file(self.weights)
         self.threshold = self._threshold()
+        self._check_signing()
         self.folder = args.out / (args.model + ("-cls" if args.heads == "cls" else ""))
         self.folder.mkdir(parents=True, exist_ok=True)
-        try:
-            self.previous = read_manifest(self.folder).get("artifacts", {})
-        except ArtifactError:
-            self.previous = {}
         self.artifacts: dict[str, dict] = {}
         self.stages: list[dict] = []
-        self._reference: list[np.ndarray] | None = None
-        self.parity_set = load_split("test", n=args.parity_nodes)
+        self._lock = _lock(self.folder)
+        try:
+            self._remove_partials()
+            self.previous = self._previous()
+            self._reference: list[np.ndarray] | None = None
+            self.parity_set = load_split("test", n=args.parity_nodes)
+            self.cohort_sha = self.parity_set.sha256()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
+
+    def _check_signing(self) -> None:
+        """Fail before any work when the manifest would be refused here for its signature."""
+        key = None if self.args.sign is None else signing_key(self.args.sign)
+        trusted = trusted_key()
+        if trusted is not None and (key is None or key_id(key.public_key()) != key_id(trusted)):
+            raise ArtifactError(
+                f"{TRUSTED_KEY_ENV} is set, so the manifest must be signed: "
+                "pass --sign with the matching private key"
+            )
+
+    def _remove_partials(self) -> None:
+        stale = sorted(self.folder.glob(".partial-*"))
+        for path in stale:
+            path.unlink()
+        if stale:
+            self.log("clean", f"removed {len(stale)} temporary file(s) left by an interrupted run", 0.0)
+
+    def _previous(self) -> dict[str, dict]:
+        """The entries of the manifest here whose files are still there, unchanged."""
+        if not (self.folder / MANIFEST).exists():
+            return {}
+        try:
+            entries = read_manifest(self.folder).get("artifacts", {})
+        except ArtifactError as e:
+            self.log("manifest", f"not reused, everything is rebuilt: {e}", 0.0)
+            return {}
+        previous = {}
+        for name, entry in entries.items():
+            path = self.folder / name
+            if path.is_file() and sha256_file(path) == entry.get("sha256"):
+                previous[name] = entry
+            else:
+                self.log("manifest", f"{name} dropped: the file is gone or was changed", 0.0)
+        return previous
 
     def _threshold(self) -> float:
         if self.args.threshold is not None:
@@ -123,11 +205,19 @@ class Exporter:
             print(f"[{stage:>10}] {text} ({seconds:.1f} s)", file=sys.stderr, flush=True)
 
     def reusable(self, name: str, recipe: dict) -> dict | None:
-        old, path = self.previous.get(name), self.folder / name
+        """The earlier entry of an unchanged file built by the same recipe (its parity may be missing)."""
+        old = self.previous.get(name)
         same = old is not None and old.get("recipe") == json.loads(json.dumps(recipe))  # tuples -> lists
-        if self.args.force or not same or not path.is_file():
-            return None
-        return old if sha256_file(path) == old["sha256"] else None  # type: ignore[index]
+        return None if self.args.force or not same else dict(old)  # type: ignore[arg-type]
+
+    def parity_current(self, entry: dict) -> bool:
+        """A parity result judged at this threshold on this parity cohort."""
+        parity = entry.get("parity")
+        return (
+            isinstance(parity, dict)
+            and parity.get("threshold") == self.threshold
+            and parity.get("cohort_sha256") == self.cohort_sha
+        )
 
     def reference(self) -> list[np.ndarray]:
         if self._reference is None:
@@ -139,7 +229,7 @@ class Exporter:
         candidate = run_cohort(backend, self.parity_set, desc=backend.name)
         report = compare(self.reference(), candidate, self.parity_set, self.threshold, TIERS[precision])
         report["split"] = "test"
-        report["cohort_sha256"] = self.parity_set.sha256()
+        report["cohort_sha256"] = self.cohort_sha
         return report
 
     def record(self, name: str, precision: str, recipe: dict, extra: dict) -> dict:
@@ -157,6 +247,17 @@ class Exporter:
         self.write_manifest()  # runtimes verify every artifact against the manifest, parity runs included
         return entry
 
+    def reuse(self, name: str, precision: str, old: dict) -> bool:
+        """Take over an earlier entry; False when its parity check must still run."""
+        self.artifacts[name] = old
+        if self.parity_current(old):
+            self.log(precision, f"{name} reused (hash, recipe and parity match the manifest)", 0.0)
+            return True
+        old.pop("parity", None)
+        self.write_manifest()
+        self.log(precision, f"{name} reused (hash and recipe match); its parity check is run again", 0.0)
+        return False
+
     def onnx_artifact(self, precision: str) -> dict:
         name = artifact_name(precision, "onnx")
         path = self.folder / name
@@ -166,10 +267,26 @@ class Exporter:
         if precision == "int8":
             recipe["calibration"] = vars(self.calibration())
         old = self.reusable(name, recipe)
-        if old is not None:
-            self.artifacts[name] = old
-            self.log(precision, f"{name} reused (hash and recipe match the manifest)", 0.0)
+        if old is None:
+            self.build_onnx(name, precision, recipe)
+        elif self.reuse(name, precision, old):
             return old
+        t0 = time.perf_counter()
+        with OrtBackend(path, threads=self.args.threads) as backend:
+            report = self.parity(backend, precision)
+        self.artifacts[name]["parity"] = report
+        self.write_manifest()
+        verdict = "passes" if report["passed"] else "FAILS (" + "; ".join(report["failures"]) + ")"
+        self.log(
+            precision,
+            f"parity on ort:cpu, {report['nodes']} test nodes: {report['label_flips']} label flips, "
+            f"max prob error {report['prob_max_abs']:.1e}; {precision} tier {verdict}",
+            time.perf_counter() - t0,
+        )
+        return self.artifacts[name]
+
+    def build_onnx(self, name: str, precision: str, recipe: dict) -> None:
+        path = self.folder / name
         t0 = time.perf_counter()
         extra: dict[str, Any] = {}
         if precision == "fp32":
@@ -197,18 +314,6 @@ class Exporter:
             extra["source"] = "model.fp32.onnx"
         self.log(precision, f"{name} written and checked", time.perf_counter() - t0)
         self.record(name, precision, recipe, extra)
-        t0 = time.perf_counter()
-        with OrtBackend(path, threads=self.args.threads) as backend:
-            report = self.parity(backend, precision)
-        self.artifacts[name]["parity"] = report
-        verdict = "passes" if report["passed"] else "FAILS (" + "; ".join(report["failures"]) + ")"
-        self.log(
-            precision,
-            f"parity on ort:cpu, {report['nodes']} test nodes: {report['label_flips']} label flips, "
-            f"max prob error {report['prob_max_abs']:.1e}; {precision} tier {verdict}",
-            time.perf_counter() - t0,
-        )
-        return self.artifacts[name]
 
     def calibration(self) -> Calibration:
         a = self.args
@@ -232,10 +337,16 @@ class Exporter:
             "hardware_compatible": a.hardware_compatible,
         }
         old = self.reusable(name, recipe)
-        if old is not None:
-            self.artifacts[name] = old
-            self.log(precision, f"{name} reused", 0.0)
+        if old is None:
+            self.build_engine(name, precision, source, recipe)
+        elif self.reuse(name, precision, old):
             return
+        with TensorRTBackend(self.folder / name) as backend:
+            self.artifacts[name]["parity"] = self.parity(backend, precision)
+        self.write_manifest()
+
+    def build_engine(self, name: str, precision: str, source: str, recipe: dict) -> None:
+        a = self.args
         t0 = time.perf_counter()
         info = build_engine(
             self.folder / source,
@@ -254,8 +365,37 @@ class Exporter:
             {"source": source, "tensorrt": info, **io_signature(self.folder / source)},
         )
         self.log(precision, f"{name} built", time.perf_counter() - t0)
-        with TensorRTBackend(self.folder / name) as backend:
-            self.artifacts[name]["parity"] = self.parity(backend, precision)
+
+    def merged(self) -> dict[str, dict]:
+        """This run's entries, then the earlier ones it did not rebuild that still belong with them:
+        same weights and heads, built from the source listed here, for this batch profile, with
+        parity judged at this threshold."""
+        artifacts = dict(self.artifacts)
+        for name in sorted(self.previous, key=lambda n: n.endswith(".plan")):  # graphs before engines
+            entry = self.previous[name]
+            if name not in artifacts and self._belongs(entry, artifacts):
+                artifacts[name] = entry
+        return artifacts
+
+    def _belongs(self, entry: dict, artifacts: dict[str, dict]) -> bool:
+        recipe, source = entry.get("recipe", {}), entry.get("source")
+        if source is not None and artifacts.get(source, {}).get("sha256") != recipe.get("source_sha256"):
+            return False
+        if "parity" in entry and entry["parity"].get("threshold") != self.threshold:
+            return False
+        if entry.get("format") == "tensorrt":
+            return recipe.get("batch") == list(self.args.batch)
+        return recipe.get("weights_sha256") == self.weights_sha and recipe.get("heads") == self.args.heads
+
+    def finish(self) -> Path:
+        """The last write, which also reports what earlier entries were kept or dropped."""
+        artifacts = self.merged()
+        for name in self.previous:
+            if name not in self.artifacts:
+                kept = name in artifacts
+                why = "kept" if kept else "dropped: built from other weights, sources, batch or threshold"
+                self.log("manifest", f"{name} {why}", 0.0)
+        return self.write_manifest()
 
     def write_manifest(self) -> Path:
         a = self.args
@@ -273,7 +413,8 @@ class Exporter:
                 "preprocessing": get_config(a.model).inputs.as_dict(),
                 "tools": library_versions(("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt")),
                 "command": a.command,
-                "artifacts": self.artifacts,
+                "artifacts": self.merged(),
                 "stages": self.stages,
             },
+            sign=a.sign,
         )

@@ -39,10 +39,13 @@ def verify_torch_paths(report: dict[str, Any], n: int | None = None) -> dict[str
     return results
 
 
-def select_verified(run: BenchRun, folders: list[Path], n: int | None = None) -> dict[Path, dict[str, Any]]:
-    """Verify the run's PyTorch GPU paths, then record the choice in each artifact folder's manifest."""
+def select_verified(
+    run: BenchRun, folders: list[Path], n: int | None = None, sign: Path | None = None
+) -> dict[Path, dict[str, Any]]:
+    """Verify the run's PyTorch GPU paths, then record the choice in each artifact folder's manifest
+    (re-signed with `sign` where the manifest is signed)."""
     parity = verify_torch_paths(run.report, n)
-    return {folder: select(run.report, folder, run.paths["json"], parity) for folder in folders}
+    return {folder: select(run.report, folder, run.paths["json"], parity, sign) for folder in folders}
 
 
 def benchmark_and_select(export: ExportOptions, result: ExportResult) -> tuple[BenchRun, dict[str, Any]]:
@@ -59,4 +62,4 @@ def benchmark_and_select(export: ExportOptions, result: ExportResult) -> tuple[B
             command=[*command, *threads],
         )
     )
-    return run, select_verified(run, [result.folder], export.parity_nodes)[result.folder]
+    return run, select_verified(run, [result.folder], export.parity_nodes, sign=export.sign)[result.folder]

@@ -31,6 +31,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def is_plain_name(name: object) -> bool:
+    """One file or folder name, so that joining it to a folder stays in that folder: not empty, not
+    '.' or '..', no separator. Names from manifests and command lines are checked with it."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in ("/", "\\", "\0"))
+    )
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

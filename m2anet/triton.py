@@ -22,7 +22,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from m2anet.engines.ort_backend import ORT_TRT_CACHE, trt_engine_cache_prefix, trt_profile_shapes
-from m2anet.io import atomic_path
+from m2anet.io import atomic_path, is_plain_name
 from m2anet.manifest import ArtifactError, artifact_entry, artifact_name, check_parity, read_manifest
 
 PRECISION_MODE = {"fp32": "FP32", "fp16": "FP32", "int8": "INT8"}
@@ -161,6 +161,10 @@ def write_repository(
     engine_cache: str | None = None,
 ) -> Path:
     """Copy one verified artifact into `out/NAME/1/`, write `out/NAME/config.pbtxt` and the warmup mask."""
+    if not is_plain_name(name):
+        raise ValueError(
+            f"model name {name!r} is not a folder name inside the repository: use letters, digits, '-', '_'"
+        )
     folder = Path(folder)
     manifest = read_manifest(folder)
     artifact = pick_artifact(manifest, precision, fmt)

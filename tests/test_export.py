@@ -1,5 +1,6 @@
 import collections
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -182,3 +183,124 @@ def test_int8_cpu_runner_is_exact_on_every_x64_cpu(small):
     with open_backend(f"ort:cpu:{path}") as backend:
         seg = backend.infer(cohort.ct, cohort.mask)[1]
     assert dice(seg > 0, ref_seg > 0) >= 0.99
+
+
+# --- an export killed at any point reruns to the result of an uninterrupted one ----------------
+def test_export_killed_before_any_manifest_write_reruns_to_the_same_result(small, tmp_path, monkeypatch):
+    """A SIGKILL runs no cleanup: the folder is left as it was just before the write, plus the
+    write's own temporary file. Each write of one export is such a kill point; the folder is copied
+    there instead of exporting once per kill point. The run that takes the copies starts itself from
+    the first kill point (the FP32 graph written, no manifest yet), with the shared export's graph."""
+    from m2anet.export import exporter
+
+    folder = tmp_path / "killed" / "m2anet_small"
+    folder.mkdir(parents=True)
+    shutil.copyfile(small / "model.fp32.onnx", folder / "model.fp32.onnx")
+    real, writes, kill_points = exporter.write_manifest, [], []
+
+    def copy_then_write(target, manifest, sign=None):
+        writes.append(target)
+        if len(writes) > 1:  # before the first write: the state this run started from
+            kill_points.append(tmp_path / f"before-write-{len(writes)}" / "m2anet_small")
+            shutil.copytree(target, kill_points[-1])
+        return real(target, manifest, sign=sign)
+
+    def leave_temporary_files(folder):
+        (folder / ".partial-kx0j2s-manifest.json").write_bytes(b"")
+        (folder / ".partial-9f3kq1-model.fp16.onnx").write_bytes(b"half a graph")
+
+    def export(folder):
+        args = ["--model", "m2anet_small", "--precision", "fp16", "--out", str(folder.parent), "--quiet"]
+        assert cli.main([*args, "--parity-nodes", "8"]) == 0
+        assert not list(folder.glob(".partial-*"))
+        artifacts = read_manifest(folder)["artifacts"]
+        return {
+            name: (e["sha256"], e["parity"]["passed"], e["parity"]["cohort_sha256"])
+            for name, e in artifacts.items()
+        }
+
+    leave_temporary_files(folder)
+    monkeypatch.setattr(exporter, "write_manifest", copy_then_write)
+    expected = export(folder)
+    monkeypatch.setattr(exporter, "write_manifest", real)
+    # graphs and verdicts of the uninterrupted session export (its parity cohort is larger)
+    shared = read_manifest(small)["artifacts"]
+    assert set(expected) == {"model.fp32.onnx", "model.fp16.onnx"}
+    for name, (sha256, passed, _) in expected.items():
+        assert (
+            (sha256, passed) == (shared[name]["sha256"], shared[name]["parity"]["passed"]) == (sha256, True)
+        )
+    # per artifact: the file recorded, its parity recorded; then the last write
+    assert len(writes) == 2 * len(expected) + 1
+    for point in kill_points:
+        leave_temporary_files(point)
+        assert export(point) == expected, point.parent.name
+
+
+def _rerun(folder, *extra):
+    """The shared export's options (so everything it built is reused) and `extra`."""
+    args = [
+        "--model",
+        "m2anet_small",
+        "--out",
+        str(folder.parent),
+        "--parity-nodes",
+        "24",
+        "--calib-size",
+        "32",
+    ]
+    return cli.main([*args, "--json", *extra])
+
+
+def test_exporting_one_precision_keeps_the_other_entries(small, tmp_path, capsys):
+    from m2anet import NodeClassifier
+
+    folder = tmp_path / "m2anet_small"
+    shutil.copytree(small, folder)
+    before = read_manifest(folder)["artifacts"]
+    assert _rerun(folder, "--precision", "fp16") == 0
+    stages = [s["result"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert "model.int8.onnx kept" in stages
+    assert read_manifest(folder)["artifacts"] == before
+    with NodeClassifier.from_artifacts(folder, "int8") as clf:
+        assert clf.info["precision"] == "int8"
+
+    (folder / "model.int8.onnx").unlink()
+    assert _rerun(folder, "--precision", "fp16") == 0
+    stages = [s["result"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert "model.int8.onnx dropped: the file is gone or was changed" in stages
+    assert set(read_manifest(folder)["artifacts"]) == {"model.fp32.onnx", "model.fp16.onnx"}
+
+
+def test_sign_writes_a_signature_the_trusted_key_accepts(small, tmp_path, monkeypatch, capsys):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from m2anet.manifest import TRUSTED_KEY_ENV
+
+    folder = tmp_path / "m2anet_small"
+    shutil.copytree(small, folder)
+    key = Ed25519PrivateKey.generate()
+    private, public = tmp_path / "site.pem", tmp_path / "site.pub.pem"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    assert _rerun(folder, "--precision", "fp16", "--sign", str(private)) == 0
+    capsys.readouterr()
+    monkeypatch.setenv(TRUSTED_KEY_ENV, str(public))
+    manifest = read_manifest(folder)
+    assert set(manifest["artifacts"]) == {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"}
+    assert manifest["seal"]["ed25519"]["value"]
+    assert _rerun(folder, "--precision", "fp16") == 2  # the site asks for signed manifests
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the manifest must be signed: pass --sign" in err[0]
+    assert _rerun(folder, "--precision", "all", "--sign", str(private)) == 0
+    stages = [s["result"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert sum("reused (hash, recipe and parity match" in s for s in stages) == 3

@@ -10,6 +10,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from m2anet import NodeClassifier, triton
 from m2anet.cli import triton as triton_cli
+from m2anet.cli import verify as verify_cli
 from m2anet.data import make_study
 from m2anet.engines import open_backend
 from m2anet.io import sha256_file
@@ -127,7 +128,9 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 @pytest.fixture
 def server(repo):
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    # Triton sets its gRPC limit to INT32_MAX (grpc_server.cc); grpc's default 4 MB holds 8 patches
+    unlimited = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=unlimited)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         FakeTriton(_parse(repo / "m2anet"), repo / "m2anet" / "1" / "model.onnx"), server
     )
@@ -281,3 +284,12 @@ def test_auto_prefers_the_plan_and_onnx_can_be_asked_for(tmp_path):
     assert not (plan_dir / "config.pbtxt").read_text().startswith("#")
     onnx_dir = triton.write_repository(folder, tmp_path / "onnx", precision="fp16", fmt="onnx")
     assert _parse(onnx_dir).platform == "onnxruntime_onnx" and (onnx_dir / "1" / "model.onnx").is_file()
+
+
+def test_verify_a_triton_server(server, capsys):
+    """The model, heads, threshold and precision come from what m2a-triton recorded in the served
+    config: the default --model (m2anet_base) is not what this server runs."""
+    code = verify_cli.main([f"triton:{server}", "--n", "16", "--no-stress"])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    assert "tier fp32: PASS" in out.out and "16 test nodes" in out.out

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -88,3 +89,16 @@ def test_diagnose_finds_layers_to_keep_in_fp32(small, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert code == 1 and "--int8-exclude " in out
     assert out.strip().splitlines()[-1].split("--int8-exclude ")[1].split()[0] == ranked[0][0]
+
+
+def test_a_folder_copied_from_another_machine_verifies(small, tmp_path, capsys):
+    """The manifest names the weights by the build machine's path; here only the shipped copy with
+    the recorded hash exists."""
+    folder = tmp_path / "copied" / "m2anet_small"
+    shutil.copytree(small, folder)
+    manifest = read_manifest(folder)
+    manifest["model"]["weights"] = "/build-machine/m2anet/weights/m2anet_small.safetensors"
+    write_manifest(folder, manifest)
+    code, out = _run(capsys, f"ort:cpu:{folder / 'model.fp16.onnx'}", "--no-stress")
+    assert code == 0, out.err
+    assert "tier fp16: PASS" in out.out

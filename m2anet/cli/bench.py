@@ -77,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
         "(PyTorch GPU paths are verified first)",
     )
     ap.add_argument("--verify-nodes", type=int, default=192, help="--select: test nodes per PyTorch GPU path")
+    ap.add_argument(
+        "--sign", type=Path, metavar="KEYFILE", help="--select: re-sign manifest.json with this Ed25519 key"
+    )
     ap.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two bench.json reports")
     ap.add_argument(
         "--threshold", type=float, default=0.10, help="--compare fails past this loss (0.10: 10%%)"
@@ -156,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     print_run(run, args.json)
     if args.select:
         folders = dict.fromkeys(Path(r["artifact"]).parent for r in run.report["backends"] if r["artifact"])
-        chosen = select_verified(run, list(folders) or [options.folder], args.verify_nodes)
+        try:
+            chosen = select_verified(run, list(folders) or [options.folder], args.verify_nodes, args.sign)
+        except ArtifactError as e:
+            print(f"m2a-bench: error: {e}", file=sys.stderr)
+            return 2
         for folder, selection in chosen.items():
             print_selection(selection, folder, args.json)
     return 1 if run.failed else 0

@@ -51,6 +51,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threshold", type=float, help="decision threshold (default: the weights' record)")
     ap.add_argument("--parity-nodes", type=int, default=192, help="test-split nodes for the parity check")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    ap.add_argument(
+        "--sign",
+        type=Path,
+        metavar="KEYFILE",
+        help="sign manifest.json with this Ed25519 private key (PEM); readers check it against "
+        "the public key in M2ANET_TRUSTED_KEY",
+    )
     g = ap.add_argument_group("int8")
     g.add_argument("--calib-method", default="max", choices=list(CALIB_METHODS))
     g.add_argument("--calib-size", type=int, default=128, help="calibration nodes from the calib split")

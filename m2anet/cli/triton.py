@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from m2anet.manifest import ArtifactError
 from m2anet.triton import PRECISION_MODE, write_repository
 
 
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_parity_fail=args.allow_parity_fail,
             engine_cache=args.engine_cache,
         )
-    except (ArtifactError, OSError) as e:
+    except (ValueError, OSError) as e:  # ArtifactError is a ValueError
         print(f"m2a-triton: error: {e}", file=sys.stderr)
         return 2
     print(f"model repository: {model_dir.parent} (model {args.name!r}; see docs/embedding.md to serve it)")
