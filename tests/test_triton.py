@@ -1,21 +1,13 @@
-from concurrent import futures
-
-import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from m2anet import NodeClassifier, triton
+from m2anet import triton
 from m2anet.cli import triton as triton_cli
-from m2anet.cli import verify as verify_cli
-from m2anet.data import make_study
 from m2anet.engines import open_backend
 from m2anet.io import sha256_file
-from m2anet.manifest import ArtifactError, read_manifest, write_manifest
-from m2anet.preprocess import prepare_study
+from m2anet.manifest import read_manifest, write_manifest
 
 
 def _parse(model_dir):
@@ -94,75 +86,6 @@ def test_unverified_artifacts_are_refused(small, tmp_path, capsys):
     assert triton_cli.main([str(folder), "--out", str(tmp_path / "repo"), "--precision", "int8"]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "repo" / "m2anet" / "config.pbtxt").exists()
-
-
-class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Just enough of Triton's gRPC service to serve the generated config with ONNX Runtime."""
-
-    def __init__(self, config, onnx_path):
-        self.config = config
-        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-
-    def ServerLive(self, request, context):
-        return service_pb2.ServerLiveResponse(live=True)
-
-    def ModelReady(self, request, context):
-        return service_pb2.ModelReadyResponse(ready=request.name == self.config.name)
-
-    def ModelConfig(self, request, context):
-        return service_pb2.ModelConfigResponse(config=self.config)
-
-    def ModelInfer(self, request, context):
-        assert len(request.inputs) == 2 and request.inputs[0].shape[0] <= self.config.max_batch_size
-        feeds = {
-            t.name: np.frombuffer(raw, np.float32).reshape(t.shape)
-            for t, raw in zip(request.inputs, request.raw_input_contents, strict=True)
-        }
-        names = [o.name for o in request.outputs]
-        response = service_pb2.ModelInferResponse(model_name=request.model_name)
-        for name, array in zip(names, self.session.run(names, feeds), strict=True):
-            response.outputs.add(name=name, datatype="FP32", shape=array.shape)
-            response.raw_output_contents.append(np.ascontiguousarray(array, np.float32).tobytes())
-        return response
-
-
-@pytest.fixture
-def server(repo):
-    # Triton sets its gRPC limit to INT32_MAX (grpc_server.cc); grpc's default 4 MB holds 8 patches
-    unlimited = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=unlimited)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        FakeTriton(_parse(repo / "m2anet"), repo / "m2anet" / "1" / "model.onnx"), server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield f"grpc://127.0.0.1:{port}"
-    server.stop(grace=None)
-
-
-def test_triton_backend_gives_the_local_results(small, server):
-    study = prepare_study(*make_study(seed=5, n_nodes=2)[:2])
-    with NodeClassifier.from_artifacts(None, backend=f"triton:{server}") as remote:
-        info = remote.info
-        got = remote.predict_patches(study.ct, study.mask)
-    with NodeClassifier.from_artifacts(small, "fp32", "ort:cpu") as local:
-        expected = local.predict_patches(study.ct, study.mask)
-    manifest = read_manifest(small)
-    assert info["backend"] == "triton" and info["precision"] == "fp32" and info["model"] == "m2anet_small"
-    assert info["sha256"] == manifest["artifacts"]["model.fp32.onnx"]["sha256"]
-    assert info["threshold"] == pytest.approx(manifest["model"]["threshold"])
-    np.testing.assert_allclose(got.probability, expected.probability, atol=1e-6)
-    np.testing.assert_allclose(got.seg, expected.seg, atol=1e-6)
-
-
-def test_triton_model_from_other_artifacts_is_refused(server, tmp_path, small):
-    folder = tmp_path / "other"
-    folder.mkdir()
-    manifest = read_manifest(small)
-    manifest["artifacts"] = {}
-    write_manifest(folder, manifest)
-    with pytest.raises(ArtifactError, match="was not made from"):
-        NodeClassifier.from_artifacts(folder, backend=f"triton:{server}")
 
 
 @pytest.mark.parametrize("url", ["grpc://127.0.0.1:1", "http://127.0.0.1:1/m2anet"])
@@ -284,12 +207,3 @@ def test_auto_prefers_the_plan_and_onnx_can_be_asked_for(tmp_path):
     assert not (plan_dir / "config.pbtxt").read_text().startswith("#")
     onnx_dir = triton.write_repository(folder, tmp_path / "onnx", precision="fp16", fmt="onnx")
     assert _parse(onnx_dir).platform == "onnxruntime_onnx" and (onnx_dir / "1" / "model.onnx").is_file()
-
-
-def test_verify_a_triton_server(server, capsys):
-    """The model, heads, threshold and precision come from what m2a-triton recorded in the served
-    config: the default --model (m2anet_base) is not what this server runs."""
-    code = verify_cli.main([f"triton:{server}", "--n", "16", "--no-stress"])
-    out = capsys.readouterr()
-    assert code == 0, out.out + out.err
-    assert "tier fp32: PASS" in out.out and "16 test nodes" in out.out
