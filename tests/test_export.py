@@ -198,12 +198,12 @@ def test_export_killed_before_any_manifest_write_reruns_to_the_same_result(small
     shutil.copyfile(small / "model.fp32.onnx", folder / "model.fp32.onnx")
     real, writes, kill_points = exporter.write_manifest, [], []
 
-    def copy_then_write(target, manifest, sign=None):
+    def copy_then_write(target, manifest, **options):
         writes.append(target)
         if len(writes) > 1:  # before the first write: the state this run started from
             kill_points.append(tmp_path / f"before-write-{len(writes)}" / "m2anet_small")
             shutil.copytree(target, kill_points[-1])
-        return real(target, manifest, sign=sign)
+        return real(target, manifest, **options)
 
     def leave_temporary_files(folder):
         (folder / ".partial-kx0j2s-manifest.json").write_bytes(b"")
@@ -230,11 +230,11 @@ def test_export_killed_before_any_manifest_write_reruns_to_the_same_result(small
         assert (
             (sha256, passed) == (shared[name]["sha256"], shared[name]["parity"]["passed"]) == (sha256, True)
         )
-    # per artifact: the file recorded, its parity recorded; then the last write
-    assert len(writes) == 2 * len(expected) + 1
     for point in kill_points:
         leave_temporary_files(point)
         assert export(point) == expected, point.parent.name
+    # per artifact: the file recorded, its parity recorded; then the last write
+    assert len(writes) == 2 * len(expected) + 1
 
 
 def _rerun(folder, *extra):
