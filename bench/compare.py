@@ -29,7 +29,7 @@ class ReportError(ValueError):
 
 def load(path: str | Path) -> dict[str, Any]:
     try:
-        report = json.loads(Path(path).read_text())
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ReportError(f"cannot read {path}: {e}") from None
     if not isinstance(report, dict) or report.get("tool") != "m2a-bench" or report.get("schema") != SCHEMA:

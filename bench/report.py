@@ -260,7 +260,7 @@ def write(report: dict[str, Any], folder: Path, plots: bool = True) -> dict[str,
     paths = {"json": folder / "bench.json", "markdown": folder / "bench.md"}
     write_json(paths["json"], report)
     with atomic_path(paths["markdown"]) as tmp:
-        tmp.write_text(markdown(report))
+        tmp.write_text(markdown(report), encoding="utf-8")
     for name, plot in (("latency", plot_latency), ("throughput", plot_throughput)) if plots else ():
         if plot(report, folder / f"{name}.png"):
             paths[name] = folder / f"{name}.png"

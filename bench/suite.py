@@ -241,7 +241,7 @@ def run_server_bench(options: BenchOptions, load: ServerOptions) -> tuple[dict[s
     paths = {"json": out / "server.json", "markdown": out / "server.md"}
     write_json(paths["json"], full)
     with atomic_path(paths["markdown"]) as tmp:
-        tmp.write_text(server_markdown(full))
+        tmp.write_text(server_markdown(full), encoding="utf-8")
     return full, paths
 
 

@@ -153,7 +153,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{path} not found: run m2a-export for this folder first")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
         raise ArtifactError(f"{path} is not valid JSON ({why}): re-run m2a-export") from None

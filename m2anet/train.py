@@ -190,7 +190,7 @@ def _init_record(init: Path | None) -> dict | None:
     previous = init.with_suffix(".json")
     return {
         "weights_sha256": sha256_file(init),
-        "previous_record": json.loads(previous.read_text()) if previous.is_file() else None,
+        "previous_record": json.loads(previous.read_text(encoding="utf-8")) if previous.is_file() else None,
     }
 
 

@@ -187,5 +187,5 @@ def write_repository(
     with atomic_path(model_dir / "warmup" / WARMUP_MASK) as tmp:
         tmp.write_bytes(warmup_mask(mask["shape"][1:]).tobytes())
     with atomic_path(model_dir / "config.pbtxt") as tmp:
-        tmp.write_text(("" if plan else ONNX_HEADER) + text_format.MessageToString(config))
+        tmp.write_text(("" if plan else ONNX_HEADER) + text_format.MessageToString(config), encoding="utf-8")
     return model_dir

@@ -268,5 +268,5 @@ def write_report(v: Verification, folder: Path) -> dict[str, Path]:
         "",
     ]
     with atomic_path(paths["markdown"]) as tmp:
-        tmp.write_text("\n".join(md))
+        tmp.write_text("\n".join(md), encoding="utf-8")
     return paths

@@ -23,7 +23,7 @@ def shipped_weights(name: str) -> Path:
 
 def training_record(name: str) -> dict:
     """The JSON record written next to the shipped weights by `m2a-train`."""
-    return json.loads(shipped_weights(name).with_suffix(".json").read_text())
+    return json.loads(shipped_weights(name).with_suffix(".json").read_text(encoding="utf-8"))
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
