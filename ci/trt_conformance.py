@@ -206,7 +206,7 @@ def bindings_index(requirement: str) -> dict[str, Any]:
     cache = cache_root() / f"{package}-{version}"
     index_path = cache / f"index-v{INDEX_FORMAT}.json"
     if index_path.is_file():
-        return json.loads(index_path.read_text())
+        return json.loads(index_path.read_text(encoding="utf-8"))
     if sys.platform != "linux" or platform.machine() != "x86_64":
         raise RuntimeError(
             f"reading {requirement} needs x86_64 Linux (its module and the placeholder libraries are "
@@ -484,7 +484,7 @@ def discover(root: Path, module: str) -> list[Path]:
     found = []
     for folder in SCAN_DIRS:
         for path in sorted((root / folder).rglob("*.py")):
-            source = path.read_text()
+            source = path.read_text(encoding="utf-8")
             if module in source and _imports_module(ast.parse(source, str(path)), module):
                 found.append(path)
     return found
@@ -946,7 +946,7 @@ class TrtResult:
 def check_trt(files: list[Path], root: Path, indexes: list[dict[str, Any]]) -> TrtResult:
     """The TensorRT uses in `files` checked against each index."""
     result = TrtResult([], set(), set())
-    trees = {path: ast.parse(path.read_text(), str(path)) for path in files}
+    trees = {path: ast.parse(path.read_text(encoding="utf-8"), str(path)) for path in files}
     returns: dict[str, Returns] = {}
     for tree in trees.values():  # top-level functions' return annotations, callable from other files
         aliases = frozenset(
@@ -979,7 +979,7 @@ def check_trt(files: list[Path], root: Path, indexes: list[dict[str, Any]]) -> T
 
 def torch_trt_range(pyproject: Path, data: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The releases in the data that the gpu extra's pin admits, and problems with the pin itself."""
-    project = tomllib.loads(pyproject.read_text())["project"]
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
     reqs = [r for deps in project.get("optional-dependencies", {}).values() for r in deps]
     reqs += project.get("dependencies", [])
     pins = [r for r in reqs if re.match(r"^torch[-_]tensorrt\b", r)]
@@ -1041,7 +1041,7 @@ def check_torch_trt(
     failures = []
     for path in files:
         rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-        for node, name in torch_trt_calls(ast.parse(path.read_text(), str(path))):
+        for node, name in torch_trt_calls(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             ir = next((k.value for k in node.keywords if k.arg == "ir"), None)
             if name == "torch_tensorrt.compile" and not (
                 ir is None or (isinstance(ir, ast.Constant) and ir.value in ("dynamo", "default"))
@@ -1159,7 +1159,7 @@ def run(root: Path, bindings: Iterable[str], files: list[Path] | None = None) ->
     trt_files = files if files is not None else discover(root, "tensorrt")
     trt_result = check_trt(trt_files, root, indexes)
     failures = list(trt_result.failures)
-    data = json.loads(TORCH_TRT_KEYWORDS.read_text())
+    data = json.loads(TORCH_TRT_KEYWORDS.read_text(encoding="utf-8"))
     versions, lines = torch_trt_range(root / "pyproject.toml", data)
     tt_files = files if files is not None else discover(root, "torch_tensorrt")
     if tt_files and not versions and not lines:

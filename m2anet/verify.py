@@ -138,7 +138,6 @@ def verify(options: VerifyOptions) -> Verification:
     """Run reference and candidate on the same nodes and judge the candidate by its precision's tier;
     with `diagnose`, a failing INT8 graph also gets the layers to keep in FP32."""
     spec = BackendSpec.parse(options.backend)
-    cohort = load_split(options.split, n=options.n)
     with contextlib.ExitStack() as stack:
         if spec.kind.startswith("torch"):
             ctx: dict[str, Any] = {}
@@ -152,6 +151,7 @@ def verify(options: VerifyOptions) -> Verification:
         threshold = options.threshold or ctx.get("threshold") or training_record(model_name)["threshold"]
         model_opts = {"model_name": model_name, "heads": heads, "weights": ctx.get("weights")}
         reference = stack.enter_context(open_backend(options.reference, **model_opts))
+        cohort = load_split(options.split, n=options.n)  # after the backends: a bad spec fails at once
         # what runs, not what was asked: TF32 asked of a pre-Ampere GPU runs and is judged as FP32
         precision = ctx.get("precision") or cand.precision
         tier_name = precision if options.tier == "auto" else options.tier

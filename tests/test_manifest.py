@@ -203,7 +203,7 @@ def test_an_entry_without_parity_is_not_verified_for_every_reader(folder, tmp_pa
     assert info["parity_passed"] is None
     step = {"scenario": "single", "batch": 1, "latency_ms": {"p90": 1.0}, "ms_per_node": 1.0}
     report = {"backends": [{**info, "steps": [{**step, "nodes_per_s": 1e3}]}]}
-    ranked, excluded = select._candidates(report, folder, "single")
+    ranked, excluded = select._candidates(report, folder, "single", {})
     assert not ranked and excluded[0]["reason"].startswith("not verified")
 
 

@@ -216,7 +216,7 @@ def test_signature_parser_handles_pybind11_defaults():
 # ----------------------------------------------------------------------------------------------
 # torch-tensorrt
 
-KEYWORDS = json.loads(tc.TORCH_TRT_KEYWORDS.read_text())
+KEYWORDS = json.loads(tc.TORCH_TRT_KEYWORDS.read_text(encoding="utf-8"))
 
 
 def torch_trt_failures(tmp_path, call, versions):
