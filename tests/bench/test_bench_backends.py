@@ -52,7 +52,10 @@ GATES = [
     ("torch-eager", "torch-eager-unpadded", 1, 0.8, "pad_single no longer avoids aten::slow_conv3d_forward"),
     ("ort-fp16", "ort-fp32", 4, 3.0, "the FP16 graph runs far slower than FP32 on the CPU"),
     ("ort-int8", "ort-fp32", 4, 3.0, "the INT8 graph runs far slower than FP32 on the CPU"),
-    ("torch-cuda-fp16", "torch-cuda-fp32", 32, 1.05, "FP16 channels-last is slower than IEEE FP32"),
+    pytest.param(
+        *("torch-cuda-fp16", "torch-cuda-fp32", 32, 1.05, "FP16 channels-last is slower than IEEE FP32"),
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ),
 ]
 
 
