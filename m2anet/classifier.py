@@ -16,10 +16,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from m2anet.engines import Backend, BackendSpec, InputError, open_backend
@@ -39,6 +38,9 @@ from m2anet.model import HU_WINDOW
 from m2anet.node_report import StudyReport, node_row
 from m2anet.preprocess import Progress, as_image, paste_masks, prepare_study
 from m2anet.weights import shipped_weights, training_record
+
+if TYPE_CHECKING:  # images are read and resampled by m2anet.preprocess, which imports it on first use
+    import SimpleITK as sitk
 
 BACKEND_HELP = (
     "trt, ort:cpu, ort:cuda, ort:trt, torch:cpu, torch:cuda, triton:URL "

@@ -23,14 +23,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any, Literal
 
 from m2anet.io import is_plain_name, sha256_file, write_json
 from m2anet.weights import shipped_weights
+
+if TYPE_CHECKING:  # signing is optional: an offline GPU image without cryptography still reads manifests
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -60,6 +59,8 @@ def canonical(manifest: dict[str, Any]) -> bytes:
 
 def key_id(key: Ed25519PublicKey) -> str:
     """sha256 of the raw public key: names a key in messages and in the seal."""
+    from cryptography.hazmat.primitives import serialization
+
     return hashlib.sha256(
         key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     ).hexdigest()
@@ -67,6 +68,10 @@ def key_id(key: Ed25519PublicKey) -> str:
 
 def signing_key(path: str | Path) -> Ed25519PrivateKey:
     """An unencrypted Ed25519 private key in PEM (`openssl genpkey -algorithm ed25519 -out KEY`)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except OSError as e:
@@ -86,6 +91,10 @@ def trusted_key() -> Ed25519PublicKey | None:
     path = os.environ.get(TRUSTED_KEY_ENV)
     if not path:
         return None
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
     except OSError as e:
@@ -123,6 +132,8 @@ def _check_seal(path: Path, manifest: dict[str, Any]) -> None:
             f"{path} is not signed and {TRUSTED_KEY_ENV} asks for signed manifests: "
             "re-run m2a-export --sign KEYFILE with the matching private key"
         )
+    from cryptography.exceptions import InvalidSignature
+
     try:
         key.verify(base64.b64decode(signature["value"], validate=True), data)
     except (InvalidSignature, KeyError, TypeError, binascii.Error):

@@ -1,10 +1,9 @@
+"""Shared fixtures. The Triton ones import tritonclient when used, not here: the GPU tests run on an
+offline GPU image without it (ci/gpu-check)."""
+
 import pytest
 import torch
-from triton_serving.other_model import write_other_model
-from triton_serving.process import TritonProcess
-from triton_serving.server_venv import VenvError, ensure_venv
 
-from m2anet import triton
 from m2anet.cli import export as cli
 from m2anet.data import load_split
 
@@ -32,6 +31,8 @@ def small(tmp_path_factory):
 @pytest.fixture(scope="session")
 def triton_python():
     """The Triton server venv's python: built once (about a minute), then reused from the cache."""
+    from triton_serving.server_venv import VenvError, ensure_venv
+
     try:
         return ensure_venv()
     except VenvError as e:
@@ -42,6 +43,10 @@ def triton_python():
 def triton_repo(small, tmp_path_factory):
     """What `m2a-triton` writes for the small model's FP32 and INT8 graphs, one model each, beside
     a model that is not M2ANet (other tensors), as a repository shared with other models has."""
+    from triton_serving.other_model import write_other_model
+
+    from m2anet import triton
+
     repo = tmp_path_factory.mktemp("triton-repo")
     for precision in ("fp32", "int8"):
         # what is served, not whether the artifact passed its parity tier, is under test here
@@ -55,6 +60,8 @@ def triton_repo(small, tmp_path_factory):
 @pytest.fixture(scope="session")
 def triton_server(triton_python, triton_repo, tmp_path_factory):
     """A real tritonserver on free loopback ports serving `triton_repo`; stopped at the end."""
+    from triton_serving.process import TritonProcess
+
     server = TritonProcess(triton_python, triton_repo, tmp_path_factory.mktemp("triton-server"))
     server.start()
     yield server
