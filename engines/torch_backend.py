@@ -25,7 +25,7 @@ import torch
 
 from m2anet.engines.base import INPUT_NAMES, Backend
 from m2anet.engines.spec import TORCH_PRECISIONS
-from m2anet.model import PATCH_SHAPE, Heads, create_model, fold_batchnorm
+from m2anet.model import PATCH_SHAPE, Heads, create_model
 from m2anet.optional import lazy_import
 
 TORCH_TRT_KEYWORDS: dict[str, Any] = json.loads(
@@ -252,6 +252,21 @@ class CudaGraphs:
         return graph, inputs, outputs
 
 
+_CAST_ONCE = (torch.nn.Conv3d, torch.nn.ConvTranspose3d, torch.nn.Linear)
+
+
+def cast_weights_once(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` with its convolution and linear weights stored in autocast's `dtype`. Autocast casts FP32
+    weights on every call, one kernel each (95 per forward of m2anet_base in the H200 profile), which is
+    what made eager FP16 and BF16 at batch 1 no faster than FP32; a weight already in `dtype` passes
+    uncast. Bit for bit autocast's result: the same rounding, done once. BatchNorm and the other
+    parameters stay FP32, as autocast uses them."""
+    for module in model.modules():
+        if isinstance(module, _CAST_ONCE):
+            module.to(dtype)
+    return model
+
+
 def _inductor_graphs(mode: str) -> bool:
     return bool(compile_options(mode, False).get("triton.cudagraphs"))
 
@@ -265,9 +280,7 @@ class TorchBackend(Backend):
 
     On CUDA: `precision` fp32 | tf32 | fp16 | bf16 (module doc); `channels_last` (default on for fp16 and
     bf16) puts weights and inputs in NDHWC; `cuda_graphs` replays one captured CUDA graph per batch size
-    (default on for torch-compile); `cudnn_benchmark` lets cuDNN time its algorithms once per shape;
-    `fold_bn` (default on for eager CUDA) folds each BatchNorm into its convolution, one pass over each
-    activation fewer (the CPU keeps the model as trained: it is the reference).
+    (default on for torch-compile); `cudnn_benchmark` lets cuDNN time its algorithms once per shape.
     torch-compile compiles with inductor's `mode`, `freezing` and torch.compile's `dynamic` (None: batch 1,
     then one graph for every other batch size), cached in `inductor_cache_dir(cache_dir)`.
     """
@@ -289,7 +302,6 @@ class TorchBackend(Backend):
         freezing: bool = True,
         dynamic: bool | None = None,
         cache_dir: str | None = None,
-        fold_bn: bool | None = None,
     ) -> None:
         """`tensorrt_batch=(min, opt, max)` compiles with torch-tensorrt's dynamo path instead."""
         if precision not in TORCH_PRECISIONS:
@@ -313,10 +325,6 @@ class TorchBackend(Backend):
             channels_last = False  # torch-tensorrt picks the engine's layouts itself
         self.memory_format = memory_format(self.torch_device.type, precision, channels_last)
         model = create_model(model_name, pretrained=weights is None, heads=heads, weights=weights)
-        if fold_bn is None:  # torch.compile's freezing and TensorRT fold by themselves
-            fold_bn = cuda and not compile and tensorrt_batch is None
-        if fold_bn:
-            model = fold_batchnorm(model)
         self.model = model.to(self.torch_device, memory_format=self.memory_format)
         self.forward: Callable[..., Any] = self.model
         self.name = "torch-compile" if compile else "torch"
@@ -324,6 +332,8 @@ class TorchBackend(Backend):
             inductor_cache_dir(cache_dir)
             self.forward = torch.compile(self.model, options=compile_options(mode, freezing), dynamic=dynamic)
         self.autocast = _AUTOCAST.get(precision)
+        if self.autocast is not None and not compile:  # inductor's freezing folds the casts by itself
+            cast_weights_once(self.model, self.autocast)
         flags: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         if tensorrt_batch is not None:
             self.forward = _torch_tensorrt(self.model, tensorrt_batch, precision)

@@ -27,6 +27,7 @@ from m2anet.data import Cohort, load_split
 from m2anet.engines import BackendSpec
 from m2anet.engines.torch_backend import (
     TorchBackend,
+    cast_weights_once,
     channels_last,
     inductor_cache_dir,
     math_flags,
@@ -188,14 +189,17 @@ def test_channels_last_inputs_are_restrided_not_copied_and_run_on_the_cpu():
     np.testing.assert_allclose(got[1], ref[1], atol=1e-3)
 
 
-def test_batchnorm_is_folded_on_request_and_the_cpu_reference_keeps_it():
-    cohort = load_split("calib", n=2)
-    norms = lambda b: sum(isinstance(m, torch.nn.BatchNorm3d) for m in b.model.modules())  # noqa: E731
-    with TorchBackend("m2anet_small", fold_bn=True) as folded, TorchBackend("m2anet_small") as reference:
-        assert norms(folded) == 0 and norms(reference) > 0
-        got, ref = folded.infer(cohort.ct, cohort.mask), reference.infer(cohort.ct, cohort.mask)
-    np.testing.assert_allclose(got[0], ref[0], atol=1e-4)
-    np.testing.assert_allclose(got[1], ref[1], atol=1e-3)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_cast_once_give_autocasts_result_bit_for_bit(dtype):
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(2, 4, 3), torch.nn.BatchNorm3d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 27, 3)
+    ).eval()
+    x = torch.randn(2, 2, 5, 5, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, cache_enabled=False):
+        want = net(x)
+        got = cast_weights_once(net, dtype)(x)
+    assert torch.equal(got, want)
+    assert net[0].weight.dtype == net[3].bias.dtype == dtype and net[1].weight.dtype == torch.float32
 
 
 def test_inductor_cache_dir_precedence(monkeypatch, tmp_path):
@@ -565,7 +569,8 @@ def test_gpu_half_precision_runs_channels_last(calib, precision):
     with TorchBackend("m2anet_small", device="cuda", precision=precision) as backend:
         backend.model.s1.register_forward_hook(lambda _m, _i, out: outputs.append(out))
         backend.infer(calib.ct, calib.mask)
-    assert outputs[0].dtype == getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[precision])
+    half = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[precision])
+    assert outputs[0].dtype == half and backend.model.s1[0][0].weight.dtype == half
     assert outputs[0].is_contiguous(memory_format=CL) and not outputs[0].is_contiguous()
 
 
