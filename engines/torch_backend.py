@@ -25,7 +25,7 @@ import torch
 
 from m2anet.engines.base import INPUT_NAMES, Backend
 from m2anet.engines.spec import TORCH_PRECISIONS
-from m2anet.model import PATCH_SHAPE, Heads, create_model
+from m2anet.model import PATCH_SHAPE, Heads, create_model, fold_batchnorm
 from m2anet.optional import lazy_import
 
 TORCH_TRT_KEYWORDS: dict[str, Any] = json.loads(
@@ -42,8 +42,8 @@ _TF32 = {"fp32": False, "tf32": True}
 """Whether each FP32 precision lets cuDNN and cuBLAS round their operands to TF32."""
 COMPILE_MODE = "default"
 """torch.compile's mode here. Inductor's own CUDA graphs stay off: the graphs are this module's, one per batch
-size. `max-autotune-no-cudagraphs` also times Triton templates against cuDNN for every convolution, which
-takes minutes per graph; ci/gpu-check measures whether it pays before it becomes the default."""
+size. `max-autotune-no-cudagraphs` also times Triton templates against cuDNN for every convolution: on an
+H200 it had not finished the first graph of m2anet_base (batch 1) after 110 s, too long to be a default."""
 CACHE_ENV = "M2ANET_CACHE_DIR"
 
 _FLAGS_LOCK = threading.RLock()
@@ -280,7 +280,11 @@ class TorchBackend(Backend):
 
     On CUDA: `precision` fp32 | tf32 | fp16 | bf16 (module doc); `channels_last` (default on for fp16 and
     bf16) puts weights and inputs in NDHWC; `cuda_graphs` replays one captured CUDA graph per batch size
-    (default on for torch-compile); `cudnn_benchmark` lets cuDNN time its algorithms once per shape.
+    (default on for torch-compile); `cudnn_benchmark` lets cuDNN time its algorithms once per shape;
+    `fold_bn` folds each BatchNorm into its convolution. Off by default: on an H200 it changed nothing at
+    batch 256 (PyTorch adds the folded bias in a kernel of its own), while at batch 1 cuDNN's NDHWC
+    half-precision BatchNorm took 0.59 of the 1.16 ms of kernel time, which a CUDA graph cannot hide:
+    ci/gpu-check measures `torch:cuda:fp16@cuda_graphs=true,fold_bn=true` to decide the default.
     torch-compile compiles with inductor's `mode`, `freezing` and torch.compile's `dynamic` (None: batch 1,
     then one graph for every other batch size), cached in `inductor_cache_dir(cache_dir)`.
     """
@@ -302,6 +306,7 @@ class TorchBackend(Backend):
         freezing: bool = True,
         dynamic: bool | None = None,
         cache_dir: str | None = None,
+        fold_bn: bool = False,
     ) -> None:
         """`tensorrt_batch=(min, opt, max)` compiles with torch-tensorrt's dynamo path instead."""
         if precision not in TORCH_PRECISIONS:
@@ -325,6 +330,8 @@ class TorchBackend(Backend):
             channels_last = False  # torch-tensorrt picks the engine's layouts itself
         self.memory_format = memory_format(self.torch_device.type, precision, channels_last)
         model = create_model(model_name, pretrained=weights is None, heads=heads, weights=weights)
+        if fold_bn:
+            model = fold_batchnorm(model)
         self.model = model.to(self.torch_device, memory_format=self.memory_format)
         self.forward: Callable[..., Any] = self.model
         self.name = "torch-compile" if compile else "torch"

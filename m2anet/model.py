@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,22 @@ def create_model(
 
         load_weights(model, weights if weights is not None else name)
     return model.eval()
+
+
+def fold_batchnorm(model: M2ANet) -> M2ANet:
+    """`model` (in eval mode) with each BatchNorm folded into the convolution before it: scaled weights and
+    a bias, the same function up to rounding. Eager inference then makes one pass over each activation
+    fewer; torch.compile's freezing does the same by itself."""
+    if model.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode: call model.eval() first")
+    for module in list(model.modules()):
+        if isinstance(module, ResBlock):
+            module.conv2, module.bn2 = fuse_conv_bn_eval(module.conv2, module.bn2), nn.Identity()
+        elif isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                if isinstance(module[i], nn.Conv3d) and isinstance(module[i + 1], nn.BatchNorm3d):
+                    module[i], module[i + 1] = fuse_conv_bn_eval(module[i], module[i + 1]), nn.Identity()
+    return model
 
 
 def model_stats(name: str, heads: Heads = "both") -> dict[str, float]:

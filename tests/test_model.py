@@ -3,7 +3,14 @@ import pytest
 import torch
 
 from m2anet import create_model, list_models, model_stats
-from m2anet.model import PATCH_SHAPE, S3_SHAPE, S3_SPACING_MM, ContourShape, SoftMaskExpansion
+from m2anet.model import (
+    PATCH_SHAPE,
+    S3_SHAPE,
+    S3_SPACING_MM,
+    ContourShape,
+    SoftMaskExpansion,
+    fold_batchnorm,
+)
 
 
 @pytest.mark.parametrize("name", ["m2anet_small", "m2anet_base"])
@@ -114,3 +121,18 @@ def test_geometry_is_standardised_with_training_statistics_saved_in_the_weights(
     torch.testing.assert_close(z.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
     torch.testing.assert_close(z.std(0), torch.ones(6))
     assert {"geometry_mean", "geometry_std"} <= set(model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["m2anet_small", "m2anet_base"])
+def test_folding_batchnorm_keeps_the_function_and_drops_every_norm(name):
+    model = create_model(name, pretrained=True)
+    ct, mask = torch.randn(2, 1, *PATCH_SHAPE), (torch.rand(2, 1, *PATCH_SHAPE) > 0.9).float()
+    with torch.no_grad():
+        before = model(ct, mask)
+        folded = fold_batchnorm(model)
+        after = folded(ct, mask)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(create_model(name).train())

@@ -189,6 +189,16 @@ def test_channels_last_inputs_are_restrided_not_copied_and_run_on_the_cpu():
     np.testing.assert_allclose(got[1], ref[1], atol=1e-3)
 
 
+def test_batchnorm_is_folded_on_request():
+    cohort = load_split("calib", n=2)
+    norms = lambda b: sum(isinstance(m, torch.nn.BatchNorm3d) for m in b.model.modules())  # noqa: E731
+    with TorchBackend("m2anet_small", fold_bn=True) as folded, TorchBackend("m2anet_small") as reference:
+        assert norms(folded) == 0 and norms(reference) > 0
+        got, ref = folded.infer(cohort.ct, cohort.mask), reference.infer(cohort.ct, cohort.mask)
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-4)
+    np.testing.assert_allclose(got[1], ref[1], atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_weights_cast_once_give_autocasts_result_bit_for_bit(dtype):
     net = torch.nn.Sequential(
