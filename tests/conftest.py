@@ -66,3 +66,27 @@ def triton_server(triton_python, triton_repo, tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """Two Ed25519 key pairs as PEM files: (private, public) of the site's key and of another."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    paths = []
+    for who in ("site", "other"):
+        key = Ed25519PrivateKey.generate()
+        private, public = tmp_path / f"{who}.pem", tmp_path / f"{who}.pub.pem"
+        private.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        public.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        paths.append((private, public))
+    return paths

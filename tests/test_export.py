@@ -272,26 +272,12 @@ def test_exporting_one_precision_keeps_the_other_entries(small, tmp_path, capsys
     assert set(read_manifest(folder)["artifacts"]) == {"model.fp32.onnx", "model.fp16.onnx"}
 
 
-def test_sign_writes_a_signature_the_trusted_key_accepts(small, tmp_path, monkeypatch, capsys):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
+def test_sign_writes_a_signature_the_trusted_key_accepts(small, tmp_path, monkeypatch, capsys, keys):
     from m2anet.manifest import TRUSTED_KEY_ENV
 
     folder = tmp_path / "m2anet_small"
     shutil.copytree(small, folder)
-    key = Ed25519PrivateKey.generate()
-    private, public = tmp_path / "site.pem", tmp_path / "site.pub.pem"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    (private, public), _ = keys
     assert _rerun(folder, "--precision", "fp16", "--sign", str(private)) == 0
     capsys.readouterr()
     monkeypatch.setenv(TRUSTED_KEY_ENV, str(public))

@@ -7,8 +7,6 @@ import re
 import shutil
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from m2anet import NodeClassifier
 from m2anet.bench import select, suite, targets
@@ -103,27 +101,6 @@ def test_written_manifests_are_sealed_and_read_back(folder):
     assert b'"threshold":' in canonical(manifest) and b'"precision":"int8"' in canonical(manifest)
     write_manifest(folder, {**manifest, "note": (1, 2)})  # tuples are sealed as JSON will read them
     assert read_manifest(folder)["note"] == [1, 2]
-
-
-@pytest.fixture
-def keys(tmp_path):
-    """Two Ed25519 key pairs as PEM files: (private, public) of the site's key and of another."""
-    paths = []
-    for who in ("site", "other"):
-        key = Ed25519PrivateKey.generate()
-        private, public = tmp_path / f"{who}.pem", tmp_path / f"{who}.pub.pem"
-        private.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        public.write_bytes(
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-        paths.append((private, public))
-    return paths
 
 
 def test_signature_is_checked_against_the_trusted_key(folder, keys, monkeypatch):
