@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from m2anet import NodeClassifier
 from m2anet.classifier import CPU_BATCH
@@ -553,3 +554,14 @@ def test_unknown_precision_is_refused(small):
     for backend in (None, "ort:cpu", "torch:cpu"):
         with pytest.raises(ValueError, match="precision 'int4': choose one of fp32, fp16, int8"):
             NodeClassifier.from_artifacts(small, "int4", backend)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_torch_cuda_without_cuda_is_one_line(small, tmp_path, capsys):
+    ct, nodes = _small_study(tmp_path / "study")
+    code = predict.main(
+        [str(ct), str(nodes), "--artifacts", str(small), "--backend", "torch:cuda", "--quiet"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("m2a-predict: error: cuda cannot run here"), err
+    assert "torch:cpu" in err[0]
