@@ -1,10 +1,12 @@
 import csv
 import gzip
 import json
+import os
 import struct
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,13 +14,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from m2anet import NodeClassifier
+from m2anet import NodeClassifier, node_report
 from m2anet.classifier import CPU_BATCH
 from m2anet.cli import predict
 from m2anet.data import make_study
 from m2anet.engines import InputError
-from m2anet.io import sha256_file
+from m2anet.io import COMMIT_JOURNAL, finish_commit, sha256_file
 from m2anet.manifest import ArtifactError, read_manifest, write_manifest
+from m2anet.node_report import StudyReport, write_outputs
 from m2anet.preprocess import PreparedStudy, StudyError, prepare_study, read_image, short_axis_mm, to_image
 from m2anet.weights import shipped_weights
 
@@ -565,3 +568,63 @@ def test_torch_cuda_without_cuda_is_one_line(small, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("m2a-predict: error: cuda cannot run here"), err
     assert "torch:cpu" in err[0]
+
+
+# ---------------------------------------------------------------- outputs as one set
+
+
+def _outputs(folder):
+    return {name: (folder / name).read_bytes() for name in ("masks.nii.gz", "nodes.json", "nodes.csv")}
+
+
+def test_outputs_change_as_one_set(classifier, study, tmp_path, monkeypatch):
+    """A failure between two writes leaves the old set; one between two renames leaves a journal that
+    the next run (or a reader, with finish_commit) completes into the new set: never a mix."""
+    ct, labels, _ = study
+    report = classifier.classify(ct, labels, masks=True)
+    out = tmp_path / "out"
+    write_outputs(out, report, classifier.info, {"ct": "old"}, {"total_s": 1.0})
+    old = _outputs(out)
+    mask_array = sitk.GetArrayFromImage(report.masks)
+    new_masks = sitk.GetImageFromArray(np.where(mask_array > 0, 0, 1).astype(np.uint32))
+    new_masks.CopyInformation(report.masks)
+    flipped = [{**r, "probability": 1 - r["probability"]} for r in report.nodes]
+    new_report = StudyReport(nodes=flipped, warnings=[], timings_s={}, masks=new_masks)
+    new_args = (out, new_report, classifier.info, {"ct": "new"}, {"total_s": 2.0})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(node_report.csv, "writer", disk_full)  # nodes.csv is the last file written
+        with pytest.raises(OSError, match="No space"):
+            write_outputs(*new_args)
+    assert _outputs(out) == old
+    assert sorted(p.name for p in out.iterdir()) == ["masks.nii.gz", "nodes.csv", "nodes.json"]
+
+    renames = []
+    real_replace = os.replace
+
+    def killed_after_one_rename(src, dst):
+        if len(renames) == 2:  # the journal, then masks.nii.gz: killed before nodes.json
+            raise KeyboardInterrupt
+        renames.append(Path(dst).name)
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed_after_one_rename)
+        with pytest.raises(KeyboardInterrupt):
+            write_outputs(*new_args)
+    assert renames == [COMMIT_JOURNAL, "masks.nii.gz"]
+    assert (out / COMMIT_JOURNAL).is_file()  # the marker that says: this set is being replaced
+    finish_commit(out)
+    new = _outputs(out)
+    assert all(new[name] != old[name] for name in new)
+    assert json.loads(new["nodes.json"])["inputs"] == {"ct": "new"}
+    assert sorted(p.name for p in out.iterdir()) == ["masks.nii.gz", "nodes.csv", "nodes.json"]
+    write_outputs(*new_args)  # and a rerun after the kill works, leaving the same set
+    assert _outputs(out).keys() == new.keys() and json.loads(_outputs(out)["nodes.json"])["outputs"] == [
+        "masks.nii.gz",
+        "nodes.json",
+        "nodes.csv",
+    ]
