@@ -493,6 +493,7 @@ from m2anet import NodeClassifier
 from m2anet.preprocess import to_image
 
 hu = np.random.default_rng(0).normal(-100, 20, (24, 96, 96)).astype(np.int16)
+hu[:, :, 84:] = -850  # a strip of lung: a CT without air is refused
 hu[10:13, 30:38, 30:38] = 40
 hu[10:13, 60:68, 60:68] = 45
 result = {}
