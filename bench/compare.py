@@ -7,6 +7,7 @@ p99 of a short run is mostly noise, so it is shown but does not gate.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,20 +31,44 @@ class ReportError(ValueError):
 def load(path: str | Path) -> dict[str, Any]:
     try:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ReportError(f"cannot read {path}: {e}") from None
     if not isinstance(report, dict) or report.get("tool") != "m2a-bench" or report.get("schema") != SCHEMA:
         raise ReportError(f"{path} is not an m2a-bench report of schema {SCHEMA}")
+    _steps(report, path)  # every step compared has every metric, as a positive number
     return report
 
 
-def _steps(report: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:
-    return {
-        (b["backend"], s["scenario"], s["batch"]): s
-        for b in report["backends"]
-        if not b.get("error")
-        for s in b["steps"]
-    }
+def _steps(report: dict[str, Any], path: str | Path = "report") -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The measured steps by (backend, scenario, batch); ReportError on a report that lacks a field or
+    holds a metric that is not a positive number (a hand-edited or truncated file)."""
+    steps = {}
+    try:
+        for b in report["backends"]:
+            if b.get("error"):
+                continue
+            for s in b["steps"]:
+                key = (str(b["backend"]), str(s["scenario"]), int(s["batch"]))
+                for name, where, _, _ in METRICS:
+                    value = s
+                    for part in where:
+                        value = value[part]
+                    if (
+                        isinstance(value, bool)
+                        or not isinstance(value, int | float)
+                        or not 0 < value < math.inf
+                    ):
+                        raise ReportError(
+                            f"{path}: {name} of {key[0]} {key[1]} batch {key[2]} is {value!r}, not a "
+                            "positive number: re-run m2a-bench"
+                        )
+                steps[key] = s
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, ReportError):
+            raise
+        what = f"no field {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ReportError(f"{path} is not a complete m2a-bench report ({what}): re-run m2a-bench") from None
+    return steps
 
 
 def compare(old: dict[str, Any], new: dict[str, Any], threshold: float) -> list[dict[str, Any]]:

@@ -88,6 +88,8 @@ def _notes(b: dict[str, Any], s: dict[str, Any]) -> str:
         notes.append("parity FAILED")
     elif b.get("artifact") and b.get("parity_passed") is None:
         notes.append("parity not verified")
+    if b.get("interrupted"):
+        notes.append("interrupted (Ctrl-C) during this backend: its later steps are missing")
     return "; ".join(notes)
 
 

@@ -206,10 +206,13 @@ def run_backend(
     settings: Settings,
     inputs: Inputs,
     on_step: Callable[[str, int], None] | None = None,
+    results: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every step of `scenarios` on one open backend; GPU steps carry NVML telemetry."""
+    """Every step of `scenarios` on one open backend; GPU steps carry NVML telemetry. Each finished
+    step is appended to `results` (a new list by default) at once, so a caller interrupted mid-way
+    keeps the steps that finished."""
     cuda = is_cuda(backend)
-    results = []
+    results = [] if results is None else results
     for scenario, batch in plan(scenarios, settings):
         runner = make_runner(backend, inputs.batches(batch, settings.rotate))
         offline = scenario == "offline"

@@ -1,6 +1,7 @@
 """A benchmark run: every chosen backend through every chosen scenario, next to the hardware's floor.
 
-The report is rebuilt and saved after each backend, so a run cut short keeps what it measured.
+The report is rebuilt and saved after each backend, so a run cut short keeps what it measured; Ctrl-C
+ends the run cleanly with the steps finished so far saved (the interrupted backend's included).
 The benchmarks measure; they never export: a folder without artifacts is an error that names the
 `m2a-export` command to run.
 """
@@ -60,6 +61,8 @@ class BenchRun:
     paths: dict[str, Path]
     failed: list[str]
     """Backends that could not run here (named in the report)."""
+    interrupted: bool = False
+    """Ctrl-C ended the run; the report holds the steps that finished."""
 
 
 def artifact_folder(options: BenchOptions) -> Path:
@@ -130,7 +133,9 @@ def describe(target: BackendSpec, model: str) -> dict[str, Any]:
 def measure_targets(
     options: BenchOptions, chosen: list[BackendSpec], settings: Settings
 ) -> Iterator[dict[str, Any]]:
-    """Each target's description and steps, one target at a time, so a report can be saved after each."""
+    """Each target's description and steps, one target at a time, so a report can be saved after each.
+    After Ctrl-C the interrupted target comes with `interrupted` set and its finished steps, and the
+    run ends."""
     chosen_scenarios = SCENARIOS if options.scenario == "all" else (options.scenario,)
     steps = scenarios.plan(chosen_scenarios, settings)
     inputs = Inputs(settings.pool)
@@ -148,9 +153,14 @@ def measure_targets(
                     precision=backend.precision,
                     open_s=time.perf_counter() - t0,
                 )
-                info["steps"] = scenarios.run_backend(
-                    backend, chosen_scenarios, settings, inputs, lambda *_: bar.update(1)
+                scenarios.run_backend(
+                    backend, chosen_scenarios, settings, inputs, lambda *_: bar.update(1), info["steps"]
                 )
+        except KeyboardInterrupt:
+            info["interrupted"] = True
+            bar.close()
+            yield info
+            return
         except Exception as e:  # one backend that cannot run here must not cost the others' numbers
             first = (str(e).strip().splitlines() or [""])[0]
             info["error"] = f"{type(e).__name__}: {first}"
@@ -182,14 +192,16 @@ def run_bench(options: BenchOptions) -> BenchRun:
     models: dict[str, dict[str, float]] = {}
     full: dict[str, Any] = {}
     paths: dict[str, Path] = {}
+    interrupted = False
     for info in measure_targets(options, chosen, settings):
+        interrupted = info.get("interrupted", False)
         results.append(info)
         if not info["error"]:
             key = report.model_key(info["model"], info["heads"])
             models[key] = models.get(key) or model_stats(info["model"], info["heads"])
         full = report.build(environment, floors, models, results, asdict(settings), command)
-        paths = report.write(full, out, plots=len(results) == len(chosen))
-    return BenchRun(full, paths, [r["backend"] for r in results if r["error"]])
+        paths = report.write(full, out, plots=len(results) == len(chosen) and not interrupted)
+    return BenchRun(full, paths, [r["backend"] for r in results if r["error"]], interrupted)
 
 
 @dataclass

@@ -24,12 +24,22 @@ tensorrt = lazy_import("tensorrt", "pip install 'm2anet[gpu]'")
 LIBRARIES = ("m2anet", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt", "nvidia-ml-py")
 
 
+def cuda_missing_reason(device: str = "cuda") -> str | None:
+    """None when torch can run on `device` (cuda or cuda:N) here, otherwise a one-line reason: torch
+    itself answers a CPU-only build with a bare AssertionError."""
+    if torch.version.cuda is None:
+        return f"this torch {torch.__version__} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        return f"there is no {device} ({torch.cuda.device_count()} CUDA device(s) visible)"
+    return None
+
+
 def tensorrt_missing_reason() -> str | None:
     """None when TensorRT can build and run here, otherwise a one-line reason (for skips and errors)."""
-    reason = tensorrt.missing_reason()
-    if reason is None and not torch.cuda.is_available():
-        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-    return reason
+    return tensorrt.missing_reason() or cuda_missing_reason()
 
 
 @functools.cache

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from m2anet.engines.base import INPUT_NAMES, Backend
+from m2anet.engines.environment import cuda_missing_reason
 from m2anet.engines.spec import TORCH_PRECISIONS
 from m2anet.model import PATCH_SHAPE, Heads, create_model, fold_batchnorm
 from m2anet.optional import lazy_import
@@ -311,6 +312,9 @@ class TorchBackend(Backend):
         """`tensorrt_batch=(min, opt, max)` compiles with torch-tensorrt's dynamo path instead."""
         if precision not in TORCH_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
+        reason = cuda_missing_reason(device) if device.startswith("cuda") else None
+        if reason is not None:
+            raise RuntimeError(f"{device} cannot run here: {reason}; use a cpu backend (torch:cpu, ort:cpu)")
         self.torch_device = torch.device(device)
         cuda = self.torch_device.type == "cuda"
         if precision != "fp32" and not cuda:

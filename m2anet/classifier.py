@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from m2anet.engines import Backend, BackendSpec, InputError, open_backend
+from m2anet.engines import Backend, BackendSpec, InputError, check_inputs, open_backend
 from m2anet.engines.choice import fastest_artifact_spec
 from m2anet.io import sha256_file
 from m2anet.manifest import (
@@ -36,11 +36,17 @@ from m2anet.manifest import (
 from m2anet.metrics import sigmoid
 from m2anet.model import HU_WINDOW
 from m2anet.node_report import StudyReport, node_row
-from m2anet.preprocess import Progress, as_image, paste_masks, prepare_study
+from m2anet.preprocess import MaskCanvas, Progress, StudyNodes, as_image
 from m2anet.weights import shipped_weights, training_record
 
 if TYPE_CHECKING:  # images are read and resampled by m2anet.preprocess, which imports it on first use
     import SimpleITK as sitk
+
+CPU_BATCH = 8
+"""Nodes per inference batch on the CPU: ms/node at batch 8 is as good as at larger batches there, and
+each node in flight holds ~15-35 MB of activations (m2anet_small..m2anet_base)."""
+GPU_BATCH = 32
+"""Nodes per batch on a GPU or server without a recorded profile: m2a-export's default opt batch."""
 
 BACKEND_HELP = (
     "trt, ort:cpu, ort:cuda, ort:trt, torch:cpu, torch:cuda, triton:URL "
@@ -70,8 +76,16 @@ class NodeClassifier:
         model: str,
         artifact: str | None = None,
         sha256: str | None = None,
+        max_batch: int | None = None,
     ) -> None:
+        """`max_batch`: nodes per inference call, which bounds memory whatever the study's size
+        (default: CPU_BATCH on the CPU, GPU_BATCH elsewhere)."""
+        if max_batch is not None and (
+            not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1
+        ):
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.backend = backend
+        self.max_batch = int(max_batch or (CPU_BATCH if backend.device == "cpu" else GPU_BATCH))
         self.threshold = float(threshold)
         self.model = model
         self.artifact = artifact
@@ -87,6 +101,7 @@ class NodeClassifier:
         *,
         allow_parity_fail: bool = False,
         threshold: float | None = None,
+        max_batch: int | None = None,
     ) -> NodeClassifier:
         """Open the best artifact of `precision` in an `m2a-export` folder, or the one `backend` names.
 
@@ -94,13 +109,13 @@ class NodeClassifier:
         one of BACKEND_HELP, a file spec (`ort:cpu:FILE.onnx`, `trt:FILE.plan`, whose folder is used), or
         `triton:URL`. Hashes are checked when the artifact opens, TensorRT plans also against this
         GPU and TensorRT version, and an artifact that failed its parity tier is refused unless
-        `allow_parity_fail`.
+        `allow_parity_fail`. `max_batch` defaults to the export's opt batch on a GPU (CPU_BATCH on the CPU).
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         spec = None if backend is None else BackendSpec.parse(backend)
         if spec is not None and spec.kind == "triton":
-            return cls._from_triton(str(spec.target), folder, precision, threshold)
+            return cls._from_triton(str(spec.target), folder, precision, threshold, max_batch)
         if spec is not None and spec.kind not in ("torch", "ort", "trt"):
             raise ValueError(f"unknown backend {backend!r}: use one of {BACKEND_HELP}")
         if spec is not None and spec.artifact is not None:
@@ -111,6 +126,11 @@ class NodeClassifier:
         manifest = read_manifest(folder)
         model = manifest["model"]
         threshold = float(model["threshold"]) if threshold is None else threshold
+        opt = manifest.get("batch_profile", {}).get("opt")
+
+        def batch(runner: Backend) -> int | None:
+            return max_batch or (None if runner.device == "cpu" else opt)
+
         if spec is None:
             spec = fastest_artifact_spec(folder, manifest, precision)
             if spec is None:
@@ -130,7 +150,12 @@ class NodeClassifier:
                 weights=str(weights),
             )
             return cls(
-                runner, threshold, model=model["name"], artifact=str(weights), sha256=model["weights_sha256"]
+                runner,
+                threshold,
+                model=model["name"],
+                artifact=str(weights),
+                sha256=model["weights_sha256"],
+                max_batch=batch(runner),
             )
         if spec.artifact is None:
             spec = spec.with_artifact(
@@ -141,11 +166,23 @@ class NodeClassifier:
         entry = artifact_entry(path, verify=False)  # the backend verifies the hash as it opens the file
         check_parity(path.name, entry, allow_parity_fail)
         runner = open_backend(spec)
-        return cls(runner, threshold, model=model["name"], artifact=str(path), sha256=entry["sha256"])
+        return cls(
+            runner,
+            threshold,
+            model=model["name"],
+            artifact=str(path),
+            sha256=entry["sha256"],
+            max_batch=batch(runner),
+        )
 
     @classmethod
     def _from_triton(
-        cls, url: str, folder: str | Path | None, precision: str, threshold: float | None
+        cls,
+        url: str,
+        folder: str | Path | None,
+        precision: str,
+        threshold: float | None,
+        max_batch: int | None,
     ) -> NodeClassifier:
         """The server's model config carries what m2a-triton recorded: artifact hash and threshold."""
         runner = open_backend(f"triton:{url}")
@@ -169,17 +206,35 @@ class NodeClassifier:
                     f"the Triton model at {url} records no threshold: pass the artifact folder or a threshold"
                 )
             threshold = float(params["m2anet_threshold"])
-        return cls(runner, threshold, model=params.get("m2anet_model", "unknown"), artifact=url, sha256=sha)
+        return cls(
+            runner,
+            threshold,
+            model=params.get("m2anet_model", "unknown"),
+            artifact=url,
+            sha256=sha,
+            max_batch=max_batch,
+        )
 
     @classmethod
     def from_weights(
-        cls, model: str = "m2anet_small", device: str = "cpu", threshold: float | None = None
+        cls,
+        model: str = "m2anet_small",
+        device: str = "cpu",
+        threshold: float | None = None,
+        max_batch: int | None = None,
     ) -> NodeClassifier:
         """The shipped PyTorch weights, no export needed: the reference, and the demo's fallback."""
         runner = open_backend(f"torch:{device}", model_name=model)
         weights = shipped_weights(model)
         threshold = float(training_record(model)["threshold"]) if threshold is None else threshold
-        return cls(runner, threshold, model=model, artifact=str(weights), sha256=sha256_file(weights))
+        return cls(
+            runner,
+            threshold,
+            model=model,
+            artifact=str(weights),
+            sha256=sha256_file(weights),
+            max_batch=max_batch,
+        )
 
     @property
     def info(self) -> dict[str, Any]:
@@ -195,19 +250,28 @@ class NodeClassifier:
         }
 
     def predict_patches(self, ct: np.ndarray, mask: np.ndarray) -> PatchPredictions:
-        """Patches cropped by the caller: float32 (N, 1, 16, 64, 64) each, as `m2anet.preprocess` makes."""
-        if isinstance(ct, np.ndarray) and ct.size and (ct.min() < 0.0 or ct.max() > 1.0):
+        """Patches cropped by the caller: float32 (N, 1, 16, 64, 64) each, as `m2anet.preprocess` makes.
+        They run `max_batch` at a time, so activations stay bounded however many are passed."""
+        check_inputs(ct, mask)
+        if ct.size and (ct.min() < 0.0 or ct.max() > 1.0):
             raise InputError(
                 f"ct patches hold values in [{ct.min():g}, {ct.max():g}], not [0, 1]: pass HU through "
                 f"m2anet.data.hu_to_input (the window {HU_WINDOW} HU scaled to [0, 1])"
             )
-        with self._lock:
-            outputs = self.backend.infer(ct, mask)
-        probability = sigmoid(outputs[0][:, 0])
+        met, seg = [], []
+        for i in range(0, len(ct), self.max_batch):
+            with self._lock:
+                outputs = self.backend.infer(
+                    ct[i : i + self.max_batch], mask[i : i + self.max_batch], check=False
+                )
+            met.append(outputs[0][:, 0])
+            if len(outputs) > 1:
+                seg.append(sigmoid(outputs[1][:, 0]).astype(np.float32))
+        probability = sigmoid(np.concatenate(met))
         return PatchPredictions(
             probability=probability,
             predicted=(probability >= self.threshold).astype(np.int64),
-            seg=sigmoid(outputs[1][:, 0]).astype(np.float32) if len(outputs) > 1 else None,
+            seg=np.concatenate(seg) if seg else None,
         )
 
     def classify(
@@ -228,19 +292,32 @@ class NodeClassifier:
         geometry = {"spacing": spacing, "origin": origin, "direction": direction}
         ct = as_image(ct_image, geometry, None)
         labels = as_image(node_labels, geometry, ct)
-        study = prepare_study(ct, labels, progress)
-        t1 = time.perf_counter()
-        pred = self.predict_patches(study.ct, study.mask)
-        t2 = time.perf_counter()
-        if progress is not None:
-            progress("infer", len(study.classified), len(study.classified))
-        mask_image = paste_masks(study, pred.seg) if masks and pred.seg is not None else None
-        t3 = time.perf_counter()
-        by_node = dict(zip(study.classified, pred.probability.tolist(), strict=True))
-        rows = [node_row(node, by_node.get(i), self.threshold) for i, node in enumerate(study.nodes)]
-        timings = {"preprocess_s": t1 - t0, "infer_s": t2 - t1}
-        if masks:
-            timings["masks_s"] = t3 - t2
+        study = StudyNodes(ct, labels)
+        canvas = MaskCanvas(ct) if masks else None
+        timings = {"preprocess_s": time.perf_counter() - t0, "infer_s": 0.0, "masks_s": 0.0}
+        probability: dict[int, float] = {}
+        # one batch in memory at a time: crop it, infer, keep per-node results, paste its masks
+        batches = study.batches(self.max_batch, progress)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            timings["preprocess_s"] += t1 - t0
+            if batch is None:
+                break
+            pred = self.predict_patches(batch.ct, batch.mask)
+            probability.update(zip(batch.classified, pred.probability.tolist(), strict=True))
+            t2 = time.perf_counter()
+            timings["infer_s"] += t2 - t1
+            if progress is not None:
+                progress("infer", len(probability), len(study))
+            if canvas is not None and pred.seg is not None:
+                canvas.paste(pred.seg, [study.nodes[i].label for i in batch.classified], batch.patch_origins)
+                timings["masks_s"] += time.perf_counter() - t2
+        if not masks:
+            del timings["masks_s"]
+        rows = [node_row(node, probability.get(i), self.threshold) for i, node in enumerate(study.nodes)]
+        mask_image = canvas.image() if canvas is not None else None
         return StudyReport(nodes=rows, warnings=study.warnings, timings_s=timings, masks=mask_image)
 
     def predict_study(

@@ -394,14 +394,21 @@ def make_study(seed: int = 0, n_nodes: int = 6, shape: tuple[int, int, int] = ST
     extent = np.array(shape) * np.array(spacing) / 2
     placed: list[tuple[np.ndarray, float]] = []
     nodes = []
+    misses = 0
     while len(nodes) < n_nodes:
+        if misses == 100_000:
+            raise ValueError(
+                f"only {len(nodes)} of {n_nodes} nodes fit in a study of shape {shape}: add slices"
+            )
         signs = _draw_signs(rng)
         reach = signs.short_axis_mm / signs.roundness / 2 + 2.0
         center = rng.uniform([-extent[0] + 3 * reach, -50.0, -32.0], [extent[0] - 3 * reach, 48.0, 32.0])
         if any(np.hypot(center[1] - ty, center[2] - tx) < r + reach for ty, tx, r in tubes) or any(
             np.linalg.norm(center - c) < reach + rc for c, rc in placed
         ):
+            misses += 1
             continue
+        misses = 0
         placed.append((center, reach))
         lo = np.maximum(((center - reach - 3) / spacing + (np.array(shape) - 1) / 2).astype(int), 0)
         hi = np.minimum(((center + reach + 3) / spacing + (np.array(shape) - 1) / 2).astype(int) + 2, shape)
@@ -437,14 +444,16 @@ def make_study(seed: int = 0, n_nodes: int = 6, shape: tuple[int, int, int] = ST
     return ct_img, label_img, truth
 
 
-def write_study(out_dir: str | Path, seed: int = 0, n_nodes: int = 6) -> dict[str, Path]:
+def write_study(
+    out_dir: str | Path, seed: int = 0, n_nodes: int = 6, shape: tuple[int, int, int] = STUDY_SHAPE
+) -> dict[str, Path]:
     """Write ct.nii.gz, nodes.nii.gz and truth.json for a synthetic study (atomically)."""
     import SimpleITK as sitk
 
     from m2anet.io import atomic_path, write_json
 
     out = Path(out_dir)
-    ct_img, label_img, truth = make_study(seed, n_nodes)
+    ct_img, label_img, truth = make_study(seed, n_nodes, shape)
     paths = {"ct": out / "ct.nii.gz", "nodes": out / "nodes.nii.gz", "truth": out / "truth.json"}
     for key, img in (("ct", ct_img), ("nodes", label_img)):
         with atomic_path(paths[key]) as tmp:

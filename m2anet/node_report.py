@@ -9,6 +9,7 @@ timings.
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from m2anet import __version__
-from m2anet.io import atomic_path, write_json
+from m2anet.io import atomic_files
 from m2anet.preprocess import Node
 
 COLUMNS = (
@@ -90,36 +91,35 @@ def _cell(value: Any) -> str:
 def write_outputs(
     out: Path, report: StudyReport, info: dict[str, Any], inputs: dict[str, str], timings: dict[str, float]
 ) -> list[Path]:
-    """masks.nii.gz (if any), nodes.json, then nodes.csv: each atomic, none before all are ready."""
-    written = []
-    if report.masks is not None:
-        with atomic_path(out / "masks.nii.gz") as tmp:
-            sitk.WriteImage(report.masks, str(tmp), useCompression=True, imageIO="NiftiImageIO")
-        written.append(out / "masks.nii.gz")
-    write_json(
-        out / "nodes.json",
-        {
-            "m2anet": __version__,
-            "inputs": inputs,
-            "classifier": info,
-            "timings_s": {k: round(v, 4) for k, v in timings.items()},
-            "warnings": report.warnings,
-            "nodes": report.nodes,
-        },
-    )
-    written.append(out / "nodes.json")
+    """masks.nii.gz (if any), nodes.json and nodes.csv as one set: all are written under temp names, then
+    renamed together (`m2anet.io.atomic_files`), so the folder never holds files of two runs."""
+    names = (["masks.nii.gz"] if report.masks is not None else []) + ["nodes.json", "nodes.csv"]
     provenance = {
         "backend": info["backend"],
         "precision": info["precision"],
         "artifact_sha256": info["sha256"],
     }
-    with atomic_path(out / "nodes.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*COLUMNS, *PROVENANCE])
-        for row in report.nodes:
-            writer.writerow([_cell(row[c]) for c in COLUMNS] + [_cell(provenance[c]) for c in PROVENANCE])
-    written.append(out / "nodes.csv")
-    return written
+    with atomic_files(out, names) as tmp:
+        if report.masks is not None:
+            sitk.WriteImage(
+                report.masks, str(tmp["masks.nii.gz"]), useCompression=True, imageIO="NiftiImageIO"
+            )
+        document = {
+            "m2anet": __version__,
+            "inputs": inputs,
+            "classifier": info,
+            "timings_s": {k: round(v, 4) for k, v in timings.items()},
+            "warnings": report.warnings,
+            "outputs": names,
+            "nodes": report.nodes,
+        }
+        tmp["nodes.json"].write_text(json.dumps(document, indent=2) + "\n")
+        with open(tmp["nodes.csv"], "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([*COLUMNS, *PROVENANCE])
+            for row in report.nodes:
+                writer.writerow([_cell(row[c]) for c in COLUMNS] + [_cell(provenance[c]) for c in PROVENANCE])
+    return [out / name for name in names]
 
 
 def text_table(report: StudyReport) -> str:

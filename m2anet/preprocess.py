@@ -36,7 +36,7 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -465,96 +465,173 @@ def _cut_patch(
     return origin, hu, mask
 
 
-def prepare_study(ct: sitk.Image, labels: sitk.Image, progress: Progress | None = None) -> PreparedStudy:
-    """Check the study, measure every node and cut the patches of the classifiable ones."""
-    _check_ct(ct)
-    label_array = _labels_on_ct_grid(labels, ct)
-    boxes = ndimage.find_objects(label_array)
-    present = [k + 1 for k, box in enumerate(boxes) if box is not None]
-    if not present:
-        raise StudyError("node label map is empty (every voxel is 0): draw the nodes to classify")
-    ct_float = sitk.Cast(ct, sitk.sitkFloat32)
-    label_image = sitk.GetImageFromArray(label_array)
-    label_image.CopyInformation(ct)
-    lattice = _lattice_origin(ct)
-    size_zyx = np.array(label_array.shape)
-    nodes: list[Node] = []
-    warnings: list[str] = []
-    ct_patches, mask_patches, classified, origins = [], [], [], []
-    for done, label in enumerate(present):
-        box = boxes[label - 1]
-        assert box is not None  # `present` holds only labels that have a box
-        centroid, voxel, volume = _measure(ct, label_array, label, box)
-        lo, hi = _node_extent_on_lattice(ct, box, lattice)
-        whole = _resample(label_image, lattice + lo * LATTICE_SPACING, hi - lo, False, 0) == label
-        node_kwargs = {
-            "label": label,
-            "centroid_mm": centroid,
-            "voxel_index": voxel,
-            "volume_mm3": volume,
-            "short_axis_mm": short_axis_mm(whole),
-        }
-        touches = [s.start == 0 or s.stop == n for s, n in zip(box, size_zyx, strict=True)]
-        if any(touches):
-            reason = (
-                f"node {label} touches the edge of the CT volume ({'zyx'[touches.index(True)]} axis): "
-                "it may be cut off, so it is not classified"
-            )
-            warnings.append(reason)
-            nodes.append(Node(**node_kwargs, larger_than_patch=False, skipped=reason))
-        else:
-            origin, hu, mask = _cut_patch(ct_float, label_image, lattice, np.array(centroid), label)
-            larger = int(mask.sum()) < int(whole.sum())
-            if larger:
-                warnings.append(
-                    f"node {label} is larger than the {' x '.join(map(str, PATCH_SHAPE))} patch "
-                    f"({volume:.0f} mm3): its central crop is classified"
+def _compact_labels(labels: np.ndarray) -> np.ndarray:
+    """The label values present, in order, with `labels` renumbered 1..n in place.
+
+    Everything indexed by label (scipy's find_objects, which allocates a box per value up to the
+    largest) then costs memory per node, not per label value: a map whose one label is 200,000,000
+    took 11 GB before.
+    """
+    flat = labels.reshape(-1)
+    where = np.flatnonzero(flat)
+    present = np.unique(flat[where])
+    flat[where] = np.searchsorted(present, flat[where]) + 1
+    return present
+
+
+@dataclass(frozen=True)
+class PatchBatch:
+    """Model inputs of consecutive classifiable nodes, in label order."""
+
+    ct: np.ndarray  # float32 (n, 1, 16, 64, 64), model input in [0, 1]
+    mask: np.ndarray  # float32 (n, 1, 16, 64, 64), {0, 1}
+    classified: list[int]  # indices into the study's `nodes`
+    patch_origins: list[tuple[float, float, float]]  # physical (x, y, z) of each patch's first voxel
+
+
+class StudyNodes:
+    """A checked study whose nodes are measured and cut into patches one batch at a time.
+
+    A study's memory is then its volumes plus one batch of patches, whatever its number of nodes;
+    `nodes` and `warnings` fill in, in label order, as `batches` runs. StudyError on a study that
+    cannot be reported at all.
+    """
+
+    def __init__(self, ct: sitk.Image, labels: sitk.Image) -> None:
+        _check_ct(ct)
+        self._labels = _labels_on_ct_grid(labels, ct)
+        self._values = _compact_labels(self._labels)
+        if not self._values.size:
+            raise StudyError("node label map is empty (every voxel is 0): draw the nodes to classify")
+        self.reference = ct
+        self.nodes: list[Node] = []
+        self.warnings: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def batches(self, size: int | None = None, progress: Progress | None = None) -> Iterator[PatchBatch]:
+        """Patches of the classifiable nodes, `size` at a time (None: all in one batch); StudyError
+        after the last node when none could be classified."""
+        ct, label_array = self.reference, self._labels
+        boxes = ndimage.find_objects(label_array)
+        ct_float = sitk.Cast(ct, sitk.sitkFloat32)
+        label_image = sitk.GetImageFromArray(label_array)
+        label_image.CopyInformation(ct)
+        lattice = _lattice_origin(ct)
+        size_zyx = np.array(label_array.shape)
+        self.nodes, self.warnings = [], []
+        nodes, warnings = self.nodes, self.warnings
+        ct_patches, mask_patches, classified, origins = [], [], [], []
+        n_classified = 0
+        for done, box in enumerate(boxes):
+            index, value = done + 1, int(self._values[done])  # compact label, the map's own label
+            assert box is not None  # every compact label 1..n is present
+            centroid, voxel, volume = _measure(ct, label_array, index, box)
+            lo, hi = _node_extent_on_lattice(ct, box, lattice)
+            whole = _resample(label_image, lattice + lo * LATTICE_SPACING, hi - lo, False, 0) == index
+            node_kwargs = {
+                "label": value,
+                "centroid_mm": centroid,
+                "voxel_index": voxel,
+                "volume_mm3": volume,
+                "short_axis_mm": short_axis_mm(whole),
+            }
+            touches = [s.start == 0 or s.stop == n for s, n in zip(box, size_zyx, strict=True)]
+            if any(touches):
+                reason = (
+                    f"node {value} touches the edge of the CT volume ({'zyx'[touches.index(True)]} axis): "
+                    "it may be cut off, so it is not classified"
                 )
-            nodes.append(Node(**node_kwargs, larger_than_patch=larger))
-            ct_patches.append(hu_to_input(hu))
-            mask_patches.append(mask.astype(np.float32))
-            classified.append(len(nodes) - 1)
-            origins.append(tuple(float(v) for v in origin))
-        if progress is not None:
-            progress("preprocess", done + 1, len(present))
-    if not classified:
-        raise StudyError(f"no node could be classified ({len(nodes)} skipped); first: {nodes[0].skipped}")
+                warnings.append(reason)
+                nodes.append(Node(**node_kwargs, larger_than_patch=False, skipped=reason))
+            else:
+                origin, hu, mask = _cut_patch(ct_float, label_image, lattice, np.array(centroid), index)
+                larger = int(mask.sum()) < int(whole.sum())
+                if larger:
+                    warnings.append(
+                        f"node {value} is larger than the {' x '.join(map(str, PATCH_SHAPE))} patch "
+                        f"({volume:.0f} mm3): its central crop is classified"
+                    )
+                nodes.append(Node(**node_kwargs, larger_than_patch=larger))
+                ct_patches.append(hu_to_input(hu))
+                mask_patches.append(mask.astype(np.float32))
+                classified.append(len(nodes) - 1)
+                origins.append(tuple(float(v) for v in origin))
+            if progress is not None:
+                progress("preprocess", done + 1, len(boxes))
+            if classified and (len(classified) == size or done + 1 == len(boxes)):
+                n_classified += len(classified)
+                yield PatchBatch(
+                    np.stack(ct_patches)[:, None], np.stack(mask_patches)[:, None], classified, origins
+                )
+                ct_patches, mask_patches, classified, origins = [], [], [], []
+        if not n_classified:
+            raise StudyError(f"no node could be classified ({len(nodes)} skipped); first: {nodes[0].skipped}")
+
+
+def prepare_study(ct: sitk.Image, labels: sitk.Image, progress: Progress | None = None) -> PreparedStudy:
+    """Check the study, measure every node and cut the patches of the classifiable ones, all at once
+    (`StudyNodes.batches` cuts them a batch at a time)."""
+    study = StudyNodes(ct, labels)
+    (batch,) = study.batches(None, progress)
     return PreparedStudy(
-        ct=np.stack(ct_patches)[:, None],
-        mask=np.stack(mask_patches)[:, None],
-        nodes=nodes,
-        classified=classified,
-        patch_origins=origins,
+        ct=batch.ct,
+        mask=batch.mask,
+        nodes=study.nodes,
+        classified=batch.classified,
+        patch_origins=batch.patch_origins,
         reference=ct,
-        warnings=warnings,
+        warnings=study.warnings,
     )
 
 
-def paste_masks(study: PreparedStudy, seg_probability: np.ndarray) -> sitk.Image:
-    """Predicted node masks (N, 16, 64, 64) back on the CT grid as a label map (the nodes' labels).
+class MaskCanvas:
+    """Predicted node masks pasted back on the CT grid as a label map (the nodes' labels), a batch at a
+    time. Probabilities are resampled linearly and thresholded at 0.5, so a mask upsampled from 3 mm
+    slices stays smooth. Where two nodes' predictions overlap, the lower label keeps the voxel (batches
+    come in label order)."""
 
-    Probabilities are resampled linearly and thresholded at 0.5, so a mask upsampled from 3 mm
-    slices stays smooth. Where two nodes' predictions overlap, the lower label keeps the voxel.
-    """
-    ref = study.reference
-    size = np.array(ref.GetSize())
-    out = np.zeros(ref.GetSize()[::-1], np.uint32)
-    for patch, node_index, origin in zip(seg_probability, study.classified, study.patch_origins, strict=True):
-        image = sitk.GetImageFromArray(patch.astype(np.float32))
-        image.SetOrigin(origin)
-        image.SetSpacing(LATTICE_SPACING)
-        corners = np.array([ref.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in _corners(image)])
-        lo = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, size)
-        hi = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, size)
-        if (hi <= lo).any():
-            continue
-        block = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
-        block.SetSpacing(ref.GetSpacing())
-        block.SetDirection(ref.GetDirection())
-        block.SetOrigin(ref.TransformIndexToPhysicalPoint([int(v) for v in lo]))
-        prob = sitk.GetArrayFromImage(sitk.Resample(image, block, sitk.Transform(), sitk.sitkLinear, 0.0))
-        region = out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
-        region[(prob > 0.5) & (region == 0)] = study.nodes[node_index].label
-    result = sitk.GetImageFromArray(out)
-    result.CopyInformation(ref)
-    return result
+    def __init__(self, reference: sitk.Image) -> None:
+        self.reference = reference
+        self.array = np.zeros(reference.GetSize()[::-1], np.uint32)
+
+    def paste(
+        self,
+        seg_probability: np.ndarray,
+        labels: Sequence[int],
+        origins: Sequence[tuple[float, float, float]],
+    ) -> None:
+        """`seg_probability` (n, 16, 64, 64) of the nodes `labels`, patches starting at `origins`."""
+        ref, out = self.reference, self.array
+        size = np.array(ref.GetSize())
+        for patch, label, origin in zip(seg_probability, labels, origins, strict=True):
+            image = sitk.GetImageFromArray(patch.astype(np.float32))
+            image.SetOrigin(origin)
+            image.SetSpacing(LATTICE_SPACING)
+            corners = np.array(
+                [ref.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in _corners(image)]
+            )
+            lo = np.clip(np.floor(corners.min(axis=0)).astype(int), 0, size)
+            hi = np.clip(np.ceil(corners.max(axis=0)).astype(int) + 1, 0, size)
+            if (hi <= lo).any():
+                continue
+            block = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
+            block.SetSpacing(ref.GetSpacing())
+            block.SetDirection(ref.GetDirection())
+            block.SetOrigin(ref.TransformIndexToPhysicalPoint([int(v) for v in lo]))
+            prob = sitk.GetArrayFromImage(sitk.Resample(image, block, sitk.Transform(), sitk.sitkLinear, 0.0))
+            region = out[lo[2] : hi[2], lo[1] : hi[1], lo[0] : hi[0]]
+            region[(prob > 0.5) & (region == 0)] = label
+
+    def image(self) -> sitk.Image:
+        result = sitk.GetImageFromArray(self.array)
+        result.CopyInformation(self.reference)
+        return result
+
+
+def paste_masks(study: PreparedStudy, seg_probability: np.ndarray) -> sitk.Image:
+    """Predicted node masks (N, 16, 64, 64) back on the CT grid as a label map (see `MaskCanvas`)."""
+    canvas = MaskCanvas(study.reference)
+    canvas.paste(seg_probability, [study.nodes[i].label for i in study.classified], study.patch_origins)
+    return canvas.image()

@@ -26,10 +26,21 @@ def training_record(name: str) -> dict:
     return json.loads(shipped_weights(name).with_suffix(".json").read_text(encoding="utf-8"))
 
 
+def _is_safetensors(path: Path) -> bool:
+    """By suffix, or for a file without one by its header: 8 bytes of JSON length, then the JSON."""
+    if path.suffix:
+        return path.suffix == ".safetensors"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return (
+        len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size and head[8:] == b"{"
+    )
+
+
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found: pass an existing .safetensors or .pt file")
-    if path.suffix == ".safetensors":
+    if _is_safetensors(path):
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for bad headers
@@ -49,12 +60,16 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: torch.nn.Module, name_or_path: str | Path) -> Path:
-    """Load a registered model's shipped weights (by name) or a file; returns the file's path."""
+    """Load a registered model's shipped weights (by name) or a file; returns the file's path. A file
+    wins over a name, and a path without a suffix is still a file (`runs/last` from torch.save)."""
     path = Path(name_or_path)
-    if not path.suffix:
+    if not path.is_file() and not path.suffix and str(name_or_path) == path.name:
         path = shipped_weights(str(name_or_path))
         if not path.is_file():
-            raise WeightsError(f"no shipped weights for {name_or_path!r}: train them with m2a-train")
+            raise WeightsError(
+                f"no shipped weights for {str(name_or_path)!r} and no file of that name: pass a "
+                ".safetensors or .pt file, or train them with m2a-train"
+            )
     state = _read_state(path)
     expected = model.state_dict()
     for key, value in expected.items():

@@ -11,8 +11,11 @@ import json
 import math
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -354,3 +357,64 @@ def test_compare_exit_codes(tmp_path, capsys, old, new, extra, code):
 def test_compare_missing_file_is_bad_input(tmp_path, capsys):
     assert cli.main(["--compare", str(tmp_path / "nope.json"), str(tmp_path / "nope.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def _broken(report, how):
+    step = report["backends"][0]["steps"][0]
+    if how == "KeyError":
+        del step["latency_ms"]
+    elif how == "TypeError":
+        report["backends"][0]["steps"] = None
+    elif how == "ZeroDivisionError":
+        step["ms_per_node"] = 0.0
+    elif how == "string metric":
+        step["nodes_per_s"] = "fast"
+    return report
+
+
+@pytest.mark.parametrize(
+    "how", ["KeyError", "TypeError", "ZeroDivisionError", "string metric", "UnicodeDecodeError"]
+)
+def test_compare_of_a_malformed_report_is_one_line(tmp_path, capsys, how):
+    """Each of these raised the exception it is named after, with a traceback."""
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(_report(10.0)))
+    if how == "UnicodeDecodeError":
+        bad.write_bytes(b"\xff\xfe{" + json.dumps(_report(10.0)).encode())
+    else:
+        bad.write_text(json.dumps(_broken(_report(10.0), how)))
+    for old, new in ((good, bad), (bad, good)):
+        assert cli.main(["--compare", str(old), str(new)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("m2a-bench: error: ") and str(bad) in err[0], err
+
+
+def test_ctrl_c_ends_the_run_with_the_finished_steps_saved(tmp_path):
+    """SIGINT while the second step is measured: exit 130, one line, and a bench.json holding the first
+    step (before, a traceback and a report with nothing of the interrupted backend)."""
+    out = tmp_path / "report"
+    args = ["--model", "m2anet_small", "--backend", "torch:cpu", "--scenario", "offline", "--out", str(out)]
+    args += ["--batches", "1,2", "--duration", "5", "--min-queries", "1", "--warmup", "0", "--threads", "1"]
+    args += ["--matmul-size", "128", "--copy-mib", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "m2anet.cli.bench", *args], stderr=subprocess.PIPE)
+    err = bytearray()
+
+    def read() -> None:
+        while chunk := proc.stderr.read1(4096):
+            err.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while b"1/2" not in err and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the progress bar shows the first step done: the second has just begun
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=120)
+    reader.join()
+    lines = [line for line in err.decode().replace("\r", "\n").splitlines() if line.startswith("m2a-bench")]
+    assert code == 130 and "Traceback" not in err.decode(), err.decode()[-2000:]
+    assert lines[-1].startswith("m2a-bench: interrupted (Ctrl-C): the 1 finished step(s) are in"), lines
+    (backend,) = json.loads((out / "bench.json").read_text())["backends"]
+    assert backend["interrupted"] and [(s["scenario"], s["batch"]) for s in backend["steps"]] == [
+        ("offline", 1)
+    ]

@@ -1,22 +1,27 @@
 import csv
 import gzip
 import json
+import os
 import struct
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
-from m2anet import NodeClassifier
+from m2anet import NodeClassifier, node_report
+from m2anet.classifier import CPU_BATCH
 from m2anet.cli import predict
 from m2anet.data import make_study
 from m2anet.engines import InputError
-from m2anet.io import sha256_file
+from m2anet.io import COMMIT_JOURNAL, finish_commit, sha256_file
 from m2anet.manifest import ArtifactError, read_manifest, write_manifest
+from m2anet.node_report import StudyReport, write_outputs
 from m2anet.preprocess import PreparedStudy, StudyError, prepare_study, read_image, short_axis_mm, to_image
 from m2anet.weights import shipped_weights
 
@@ -473,3 +478,154 @@ def test_without_an_onnx_of_that_precision_the_weights_run_on_pytorch(small, tmp
         NodeClassifier.from_artifacts(tmp_path, "fp16") as clf,
     ):
         assert clf.info["backend"] == "torch" and clf.info["sha256"] == manifest["model"]["weights_sha256"]
+
+
+# ---------------------------------------------------------------- bounded memory, batches
+
+
+LABEL_VALUES_SCRIPT = """
+import json, resource, sys
+limit = 3 << 30  # the process stays near 0.4 GB; one box per label value up to 2e8 needed ~11 GB
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+import numpy as np
+import SimpleITK as sitk
+from m2anet import NodeClassifier
+from m2anet.preprocess import to_image
+
+hu = np.random.default_rng(0).normal(-100, 20, (24, 96, 96)).astype(np.int16)
+hu[:, :, 84:] = -850  # a strip of lung: a CT without air is refused
+hu[10:13, 30:38, 30:38] = 40
+hu[10:13, 60:68, 60:68] = 45
+result = {}
+with NodeClassifier.from_weights("m2anet_small", max_batch=1) as clf:
+    for second in (2, 200_000_000):
+        labels = np.zeros((24, 96, 96), np.uint32)
+        labels[10:13, 30:38, 30:38] = 1
+        labels[10:13, 60:68, 60:68] = second
+        report = clf.classify(to_image(hu, (0.8, 0.8, 3.0)), to_image(labels, (0.8, 0.8, 3.0)), masks=True)
+        masks = sitk.GetArrayViewFromImage(report.masks)
+        result[second] = {
+            "labels": [r["label"] for r in report.nodes],
+            "probability": [r["probability"] for r in report.nodes],
+            "mask_values": sorted(int(v) for v in np.unique(masks)),
+            "mask_voxels": [int((masks == v).sum()) for v in (1, second)],
+        }
+print(json.dumps(result))
+"""
+
+
+def test_a_huge_label_value_costs_no_memory_and_changes_no_result():
+    """Labels {1, 200000000} classify exactly as {1, 2}; before, scipy's find_objects allocated a box per
+    label value (11 GB), which the 3 GB data limit of this subprocess turns into a MemoryError."""
+    done = subprocess.run([sys.executable, "-c", LABEL_VALUES_SCRIPT], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    small_labels, huge_labels = json.loads(done.stdout.strip().splitlines()[-1]).values()
+    assert small_labels["labels"] == [1, 2] and huge_labels["labels"] == [1, 200_000_000]
+    assert huge_labels["probability"] == small_labels["probability"]
+    assert huge_labels["mask_values"] == [0, 1, 200_000_000] and small_labels["mask_values"] == [0, 1, 2]
+    assert huge_labels["mask_voxels"] == small_labels["mask_voxels"]
+
+
+def test_classify_in_batches_of_two_equals_one_batch(small, study):
+    ct, labels, _ = study
+    reports = {}
+    for max_batch in (2, 64):
+        with NodeClassifier.from_artifacts(small, "fp32", "ort:cpu", max_batch=max_batch) as clf:
+            assert clf.max_batch == max_batch
+            reports[max_batch] = clf.classify(ct, labels, masks=True)
+    two, one = reports[2], reports[64]
+    assert len(two.nodes) == 3  # so batches of 2 are 2 + 1
+    assert [r["probability"] for r in two.nodes] == pytest.approx(
+        [r["probability"] for r in one.nodes], abs=1e-7
+    )
+    assert [{k: v for k, v in r.items() if k != "probability"} for r in two.nodes] == [
+        {k: v for k, v in r.items() if k != "probability"} for r in one.nodes
+    ]
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(two.masks), sitk.GetArrayViewFromImage(one.masks)
+    )
+    assert two.warnings == one.warnings
+
+
+def test_default_batch_is_bounded_and_bad_batches_are_refused(small):
+    with NodeClassifier.from_artifacts(small, "fp32", "ort:cpu") as clf:
+        assert clf.max_batch == CPU_BATCH
+        with pytest.raises(ValueError, match="max_batch must be a positive integer"):
+            NodeClassifier(clf.backend, 0.5, model="m2anet_small", max_batch=0)
+
+
+def test_unknown_precision_is_refused(small):
+    for backend in (None, "ort:cpu", "torch:cpu"):
+        with pytest.raises(ValueError, match="precision 'int4': choose one of fp32, fp16, int8"):
+            NodeClassifier.from_artifacts(small, "int4", backend)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_torch_cuda_without_cuda_is_one_line(small, tmp_path, capsys):
+    ct, nodes = _small_study(tmp_path / "study")
+    code = predict.main(
+        [str(ct), str(nodes), "--artifacts", str(small), "--backend", "torch:cuda", "--quiet"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("m2a-predict: error: cuda cannot run here"), err
+    assert "torch:cpu" in err[0]
+
+
+# ---------------------------------------------------------------- outputs as one set
+
+
+def _outputs(folder):
+    return {name: (folder / name).read_bytes() for name in ("masks.nii.gz", "nodes.json", "nodes.csv")}
+
+
+def test_outputs_change_as_one_set(classifier, study, tmp_path, monkeypatch):
+    """A failure between two writes leaves the old set; one between two renames leaves a journal that
+    the next run (or a reader, with finish_commit) completes into the new set: never a mix."""
+    ct, labels, _ = study
+    report = classifier.classify(ct, labels, masks=True)
+    out = tmp_path / "out"
+    write_outputs(out, report, classifier.info, {"ct": "old"}, {"total_s": 1.0})
+    old = _outputs(out)
+    mask_array = sitk.GetArrayFromImage(report.masks)
+    new_masks = sitk.GetImageFromArray(np.where(mask_array > 0, 0, 1).astype(np.uint32))
+    new_masks.CopyInformation(report.masks)
+    flipped = [{**r, "probability": 1 - r["probability"]} for r in report.nodes]
+    new_report = StudyReport(nodes=flipped, warnings=[], timings_s={}, masks=new_masks)
+    new_args = (out, new_report, classifier.info, {"ct": "new"}, {"total_s": 2.0})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(node_report.csv, "writer", disk_full)  # nodes.csv is the last file written
+        with pytest.raises(OSError, match="No space"):
+            write_outputs(*new_args)
+    assert _outputs(out) == old
+    assert sorted(p.name for p in out.iterdir()) == ["masks.nii.gz", "nodes.csv", "nodes.json"]
+
+    renames = []
+    real_replace = os.replace
+
+    def killed_after_one_rename(src, dst):
+        if len(renames) == 2:  # the journal, then masks.nii.gz: killed before nodes.json
+            raise KeyboardInterrupt
+        renames.append(Path(dst).name)
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed_after_one_rename)
+        with pytest.raises(KeyboardInterrupt):
+            write_outputs(*new_args)
+    assert renames == [COMMIT_JOURNAL, "masks.nii.gz"]
+    assert (out / COMMIT_JOURNAL).is_file()  # the marker that says: this set is being replaced
+    finish_commit(out)
+    new = _outputs(out)
+    assert all(new[name] != old[name] for name in new)
+    assert json.loads(new["nodes.json"])["inputs"] == {"ct": "new"}
+    assert sorted(p.name for p in out.iterdir()) == ["masks.nii.gz", "nodes.csv", "nodes.json"]
+    write_outputs(*new_args)  # and a rerun after the kill works, leaving the same set
+    assert _outputs(out).keys() == new.keys() and json.loads(_outputs(out)["nodes.json"])["outputs"] == [
+        "masks.nii.gz",
+        "nodes.json",
+        "nodes.csv",
+    ]

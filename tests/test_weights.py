@@ -52,6 +52,25 @@ def test_mismatch_names_the_first_bad_key(tmp_path):
         create_model("m2anet_small", weights=str(tmp_path / "absent.safetensors"))
 
 
+def test_a_checkpoint_path_without_a_suffix_is_a_file_not_a_model_name(tmp_path, monkeypatch):
+    """Before, any name without a suffix was looked up as a shipped model: "no shipped weights"."""
+    model = create_model("m2anet_small")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    torch.save(model.state_dict(), tmp_path / "last")
+    save_weights(model, tmp_path / "best")  # safetensors, recognised by its header
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "last"), str(tmp_path / "best"), "last"):
+        again = create_model("m2anet_small", weights=path)
+        for (k, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{path}: {k}")
+    with pytest.raises(WeightsError, match=r"weights file .*/absent not found"):
+        create_model("m2anet_small", weights=str(tmp_path / "absent"))
+    with pytest.raises(WeightsError, match="no shipped weights for 'm2anet_tiny' and no file of that name"):
+        create_model("m2anet_small", weights="m2anet_tiny")
+
+
 def test_classification_only_model_takes_the_two_head_checkpoint():
     both = create_model("m2anet_small", pretrained=True)
     cls = create_model("m2anet_small", pretrained=True, heads="cls")

@@ -26,6 +26,16 @@ from m2anet.bench.suite import (
     server_markdown,
 )
 from m2anet.best import select_verified
+from m2anet.cli.args import (
+    INTERRUPTED,
+    int_at_least,
+    interruptible,
+    make_parser,
+    non_negative_float,
+    output_dir,
+    positive_float,
+    positive_int,
+)
 from m2anet.engines import BackendSpec
 from m2anet.engines.spec import SPEC_HELP
 from m2anet.manifest import ArtifactError
@@ -36,14 +46,14 @@ def _batches(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--batches {text!r}: give sizes such as 1,8,32") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give sizes such as 1,8,32") from None
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"--batches {text!r}: sizes must be >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be >= 1")
     return values
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m2a-bench", description=__doc__.splitlines()[0])
+    ap = make_parser("m2a-bench", __doc__)
     ap.add_argument(
         "--backend",
         action="extend",
@@ -60,15 +70,22 @@ def parser() -> argparse.ArgumentParser:
         choices=[*SCENARIOS, "all", "server"],
         help="server: MLPerf Server scenario (Poisson arrivals) instead of the latency/throughput suite",
     )
-    ap.add_argument("--duration", type=float, default=5.0, help="minimum measured seconds per step")
-    ap.add_argument("--min-queries", type=int, default=10, help="minimum measured queries (single, study)")
     ap.add_argument(
-        "--warmup", type=float, default=1.0, help="minimum warm-up seconds per step (>= 2 queries)"
+        "--duration", type=non_negative_float, default=5.0, help="minimum measured seconds per step"
+    )
+    ap.add_argument(
+        "--min-queries", type=positive_int, default=10, help="minimum measured queries (single, study)"
+    )
+    ap.add_argument(
+        "--warmup",
+        type=non_negative_float,
+        default=1.0,
+        help="minimum warm-up seconds per step (>= 2 queries)",
     )
     ap.add_argument("--batches", type=_batches, help="offline sweep (default: 1, 2, 4, ... the profile max)")
-    ap.add_argument("--study-nodes", type=int, default=24, help="nodes of one study")
-    ap.add_argument("--threads", type=int, help="torch and ONNX Runtime intra-op threads")
-    ap.add_argument("--out", type=Path, help="report folder (default: ARTIFACTS/MODEL/bench)")
+    ap.add_argument("--study-nodes", type=positive_int, default=24, help="nodes of one study")
+    ap.add_argument("--threads", type=positive_int, help="torch and ONNX Runtime intra-op threads")
+    ap.add_argument("--out", type=output_dir, help="report folder (default: ARTIFACTS/MODEL/bench)")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     ap.add_argument(
         "--select",
@@ -76,23 +93,30 @@ def parser() -> argparse.ArgumentParser:
         help="record in the artifact folder's manifest the fastest backend that passed its parity tier "
         "(PyTorch GPU paths are verified first)",
     )
-    ap.add_argument("--verify-nodes", type=int, default=192, help="--select: test nodes per PyTorch GPU path")
+    ap.add_argument(
+        "--verify-nodes", type=int_at_least(2), default=192, help="--select: test nodes per PyTorch GPU path"
+    )
     ap.add_argument(
         "--sign", type=Path, metavar="KEYFILE", help="--select: re-sign manifest.json with this Ed25519 key"
     )
     ap.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two bench.json reports")
     ap.add_argument(
-        "--threshold", type=float, default=0.10, help="--compare fails past this loss (0.10: 10%%)"
+        "--threshold",
+        type=non_negative_float,
+        default=0.10,
+        help="--compare fails past this loss (0.10: 10%%)",
     )
     g = ap.add_argument_group("server scenario (as perf_analyzer loads a Triton server)")
-    g.add_argument("--rate", type=float, default=5.0, help="target queries/s (one node each)")
-    g.add_argument("--clients", type=int, default=4, help="concurrent clients, one backend each")
-    g.add_argument("--p99-ms", type=float, help="search the highest rate whose p99 stays under this bound")
-    g.add_argument("--max-runs", type=int, default=6, help="runs of the rate search at most")
-    g.add_argument("--max-queries", type=int, default=2000, help="queries of one run at most")
+    g.add_argument("--rate", type=positive_float, default=5.0, help="target queries/s (one node each)")
+    g.add_argument("--clients", type=positive_int, default=4, help="concurrent clients, one backend each")
+    g.add_argument(
+        "--p99-ms", type=positive_float, help="search the highest rate whose p99 stays under this bound"
+    )
+    g.add_argument("--max-runs", type=positive_int, default=6, help="runs of the rate search at most")
+    g.add_argument("--max-queries", type=positive_int, default=2000, help="queries of one run at most")
     g = ap.add_argument_group("arithmetic floor")
-    g.add_argument("--matmul-size", type=int, help="matrix size of the peak measurement")
-    g.add_argument("--copy-mib", type=int, help="MiB copied for the bandwidth measurement")
+    g.add_argument("--matmul-size", type=positive_int, help="matrix size of the peak measurement")
+    g.add_argument("--copy-mib", type=positive_int, help="MiB copied for the bandwidth measurement")
     return ap
 
 
@@ -113,13 +137,12 @@ def print_selection(selection: dict[str, Any], folder: Path, to_stderr: bool) ->
         )
 
 
+@interruptible("m2a-bench")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.compare:
         return compare.main(*args.compare, args.threshold)
-    if args.duration < 0 or args.min_queries < 1 or args.study_nodes < 1 or (args.threads or 1) < 1:
-        parser().error("--duration must be >= 0 and --min-queries, --study-nodes, --threads >= 1")
     options = BenchOptions(
         model=args.model,
         artifacts=args.artifacts,
@@ -137,8 +160,6 @@ def main(argv: list[str] | None = None) -> int:
         command=argv,
     )
     if args.scenario == "server":
-        if args.rate <= 0 or args.clients < 1 or args.max_runs < 1 or args.max_queries < 1:
-            parser().error("--rate must be > 0 and --clients, --max-runs, --max-queries >= 1")
         load = ServerOptions(args.rate, args.clients, args.p99_ms, args.max_runs, args.max_queries)
         try:
             full, paths = run_server_bench(options, load)
@@ -156,6 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ArtifactError, OSError) as e:
         print(f"m2a-bench: error: {e}", file=sys.stderr)
         return 2
+    if run.interrupted:
+        steps = sum(len(b["steps"]) for b in run.report["backends"])
+        print(
+            f"m2a-bench: interrupted (Ctrl-C): the {steps} finished step(s) are in {run.paths['json']}",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
     print_run(run, args.json)
     if args.select:
         folders = dict.fromkeys(Path(r["artifact"]).parent for r in run.report["backends"] if r["artifact"])

@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from m2anet.best import benchmark_and_select
+from m2anet.cli.args import int_at_least, interruptible, make_parser, output_dir, positive_int, probability
 from m2anet.cli.bench import print_run, print_selection
 from m2anet.export.exporter import ExportOptions, export_artifacts
 from m2anet.export.int8 import CALIB_METHODS
@@ -28,14 +29,14 @@ def _batch(text: str) -> tuple[int, int, int]:
     try:
         lo, opt, hi = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch {text!r}: give MIN,OPT,MAX such as 1,32,128") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give MIN,OPT,MAX such as 1,32,128") from None
     if not 1 <= lo <= opt <= hi:
-        raise argparse.ArgumentTypeError(f"--batch {text!r}: need 1 <= MIN <= OPT <= MAX")
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= MIN <= OPT <= MAX")
     return lo, opt, hi
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m2a-export", description=__doc__.splitlines()[0])
+    ap = make_parser("m2a-export", __doc__)
     ap.add_argument("--model", default="m2anet_base", choices=list_models())
     ap.add_argument("--weights", help="a .safetensors or .pt state dict (default: the shipped weights)")
     ap.add_argument("--heads", default="both", choices=["both", "cls"])
@@ -45,12 +46,14 @@ def parser() -> argparse.ArgumentParser:
         choices=[*PRECISIONS, "all", "best"],
         help="best: export all, then m2a-bench --select records the fastest that passes parity",
     )
-    ap.add_argument("--out", type=Path, default=Path("artifacts"))
+    ap.add_argument("--out", type=output_dir, default=Path("artifacts"))
     ap.add_argument("--batch", type=_batch, default=(1, 32, 128), help="TensorRT profile MIN,OPT,MAX")
     ap.add_argument("--force", action="store_true", help="rebuild even what the manifest says is valid")
-    ap.add_argument("--threshold", type=float, help="decision threshold (default: the weights' record)")
-    ap.add_argument("--parity-nodes", type=int, default=192, help="test-split nodes for the parity check")
-    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    ap.add_argument("--threshold", type=probability, help="decision threshold (default: the weights' record)")
+    ap.add_argument(
+        "--parity-nodes", type=int_at_least(2), default=192, help="test-split nodes for the parity check"
+    )
+    ap.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
     ap.add_argument(
         "--sign",
         type=Path,
@@ -60,7 +63,9 @@ def parser() -> argparse.ArgumentParser:
     )
     g = ap.add_argument_group("int8")
     g.add_argument("--calib-method", default="max", choices=list(CALIB_METHODS))
-    g.add_argument("--calib-size", type=int, default=128, help="calibration nodes from the calib split")
+    g.add_argument(
+        "--calib-size", type=positive_int, default=128, help="calibration nodes from the calib split"
+    )
     g.add_argument("--int8-target", default="tensorrt", choices=["tensorrt", "cpu"])
     g.add_argument(
         "--int8-exclude", nargs="*", default=[], metavar="NODE", help="ONNX node names kept in FP32"
@@ -77,11 +82,14 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+@interruptible("m2a-export")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    if args.calib_size < args.batch[0] or args.parity_nodes < 1:
-        parser().error("--calib-size and --parity-nodes must be positive")
+    if args.calib_size < args.batch[0]:
+        parser().error(
+            f"argument --calib-size: {args.calib_size} is below the profile's MIN batch {args.batch[0]}"
+        )
     if args.precision == "best" and args.heads != "both":
         parser().error("--precision best benchmarks the two-head artifacts: drop --heads cls")
     precisions = PRECISIONS if args.precision in ("all", "best") else (args.precision,)
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         result = export_artifacts(options, precisions)
-    except (ExportError, ArtifactError, WeightsError, ValueError, RuntimeError) as e:
+    except (ExportError, ArtifactError, WeightsError, ValueError, RuntimeError, OSError) as e:
         print(f"m2a-export: error: {e}", file=sys.stderr)
         return 2
     failed = result.parity_failed

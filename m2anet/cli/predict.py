@@ -1,8 +1,9 @@
 """`m2a-predict`: a CT study and its node label map -> nodes.csv and nodes.json, one row per node.
 
-Outputs are written atomically and only once the whole study is done, so a nodes.csv on disk is
-always a complete report. Exit 0 when the study was reported (skipped nodes are listed as such),
-2 on bad input.
+Outputs are written only once the whole study is done, and as one set (nodes.csv, nodes.json and
+masks.nii.gz change together: `m2anet.io.atomic_files`), so the files on disk are one run's complete
+report. Nodes run `--max-batch` at a time, so memory does not grow with the study. Exit 0 when
+the study was reported (skipped nodes are listed as such), 2 on bad input, 130 after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from m2anet.classifier import BACKEND_HELP, NodeClassifier
+from m2anet.classifier import BACKEND_HELP, CPU_BATCH, NodeClassifier
+from m2anet.cli.args import interruptible, make_parser, output_dir, positive_int, probability
 from m2anet.data import write_study
 from m2anet.manifest import MANIFEST, PRECISIONS
 from m2anet.node_report import text_table, write_outputs
@@ -38,7 +40,7 @@ def open_classifier(args: argparse.Namespace) -> NodeClassifier:
             "(m2a-export --model m2anet_small gives ONNX and TensorRT artifacts)",
             args.quiet,
         )
-        return NodeClassifier.from_weights("m2anet_small", threshold=args.threshold)
+        return NodeClassifier.from_weights("m2anet_small", threshold=args.threshold, max_batch=args.max_batch)
     triton = args.backend is not None and args.backend.startswith("triton:")
     return NodeClassifier.from_artifacts(
         args.artifacts if args.artifacts is not None or triton else default,
@@ -46,11 +48,12 @@ def open_classifier(args: argparse.Namespace) -> NodeClassifier:
         args.backend,
         allow_parity_fail=args.allow_parity_fail,
         threshold=args.threshold,
+        max_batch=args.max_batch,
     )
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m2a-predict", description=__doc__.splitlines()[0])
+    ap = make_parser("m2a-predict", __doc__)
     ap.add_argument("ct", nargs="?", help="CT: .nii/.nii.gz, .nrrd, .mha/.mhd or a DICOM series folder")
     ap.add_argument("nodes", nargs="?", help="node label map (0 = background, one integer per node)")
     ap.add_argument("--backend", help=f"default: the best available here; one of {BACKEND_HELP}")
@@ -60,8 +63,14 @@ def parser() -> argparse.ArgumentParser:
         help=f"m2a-export folder (default {DEFAULT_ARTIFACTS}; demo: {DEMO_ARTIFACTS})",
     )
     ap.add_argument("--precision", default="fp16", choices=list(PRECISIONS))
-    ap.add_argument("--out", type=Path, help="output folder (default: the current one; demo: m2a-demo)")
-    ap.add_argument("--threshold", type=float, help="decision threshold (default: the manifest's)")
+    ap.add_argument("--out", type=output_dir, help="output folder (default: the current one; demo: m2a-demo)")
+    ap.add_argument("--threshold", type=probability, help="decision threshold (default: the manifest's)")
+    ap.add_argument(
+        "--max-batch",
+        type=positive_int,
+        help=f"nodes per inference call; bounds memory whatever the study's size (default: {CPU_BATCH} "
+        "on the CPU, the export's opt batch on a GPU)",
+    )
     ap.add_argument("--save-masks", action="store_true", help="write predicted node masks as masks.nii.gz")
     ap.add_argument("--demo", action="store_true", help="make a synthetic study and run on it")
     ap.add_argument("--allow-parity-fail", action="store_true", help="use an artifact that failed parity")
@@ -69,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+@interruptible("m2a-predict")
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)

@@ -14,6 +14,15 @@ from pathlib import Path
 
 import torch
 
+from m2anet.cli.args import (
+    int_at_least,
+    interruptible,
+    make_parser,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+)
 from m2anet.io import write_json
 from m2anet.model import list_models
 from m2anet.train import TRAIN_DEFAULTS, train, train_throughput
@@ -22,10 +31,10 @@ from m2anet.weights import save_weights
 
 def parser() -> argparse.ArgumentParser:
     cpu, cuda = TRAIN_DEFAULTS["cpu"], TRAIN_DEFAULTS["cuda"]
-    ap = argparse.ArgumentParser(prog="m2a-train", description=__doc__.splitlines()[0])
+    ap = make_parser("m2a-train", __doc__)
     ap.add_argument("--model", default="m2anet_small", choices=list_models())
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=positive_int, default=6)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument(
         "--precision",
@@ -33,33 +42,38 @@ def parser() -> argparse.ArgumentParser:
         help=f"default: {cpu['precision']} on the CPU, {cuda['precision']} autocast on cuda",
     )
     ap.add_argument(
-        "--batch", type=int, default=None, help=f"default: {cpu['batch']} on the CPU, {cuda['batch']} on cuda"
+        "--batch",
+        type=int_at_least(2),
+        default=None,
+        help=f"nodes per step (BatchNorm needs two); default: {cpu['batch']} on the CPU, "
+        f"{cuda['batch']} on cuda",
     )
     ap.add_argument(
         "--lr",
-        type=float,
+        type=positive_float,
         default=None,
         help=f"peak learning rate; default: {cpu['lr']:g} on the CPU, {cuda['lr']:g} on cuda",
     )
-    ap.add_argument("--n-train", type=int, default=None, help="use the first N training nodes")
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time")
+    ap.add_argument("--n-train", type=int_at_least(2), default=None, help="use the first N training nodes")
+    ap.add_argument("--max-minutes", type=positive_float, default=None, help="stop after this wall time")
     ap.add_argument("--init", type=Path, default=None, help="continue from these weights")
     ap.add_argument(
         "--throughput",
-        type=int,
+        type=positive_int,
         metavar="STEPS",
         help="measure training nodes/s over STEPS timed steps (after 5 untimed) and write "
         "<model>.throughput.json instead of training",
     )
     ap.add_argument(
         "--out",
-        type=Path,
+        type=output_dir,
         default=Path("."),
         help="folder for <model>.safetensors/.json",
     )
     return ap
 
 
+@interruptible("m2a-train")
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
     args = ap.parse_args(argv)
@@ -68,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--device {args.device}: use cpu, cuda or cuda:N")
     batch = args.batch or int(TRAIN_DEFAULTS[kind]["batch"])
     lr = args.lr or float(TRAIN_DEFAULTS[kind]["lr"])
-    if args.epochs < 1 or batch < 2 or (args.throughput is not None and args.throughput < 1):
-        ap.error(
-            "--epochs and --throughput must be >= 1 and --batch >= 2 (BatchNorm needs two nodes per batch)"
-        )
     try:
         if args.throughput is not None:
             result = train_throughput(

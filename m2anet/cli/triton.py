@@ -6,20 +6,26 @@ import argparse
 import sys
 from pathlib import Path
 
+from m2anet.cli.args import interruptible, make_parser, non_negative_int, output_dir, positive_int
 from m2anet.triton import PRECISION_MODE, write_repository
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="m2a-triton", description=__doc__.splitlines()[0])
+    ap = make_parser("m2a-triton", __doc__)
     ap.add_argument("folder", type=Path, help="artifact folder written by m2a-export (holds manifest.json)")
     ap.add_argument(
-        "--out", type=Path, required=True, help="model repository to write (Triton's --model-repository)"
+        "--out",
+        type=output_dir,
+        required=True,
+        help="model repository to write (Triton's --model-repository)",
     )
     ap.add_argument("--precision", default="fp16", choices=list(PRECISION_MODE))
     ap.add_argument("--format", dest="fmt", default="auto", choices=["auto", "plan", "onnx"])
     ap.add_argument("--name", default="m2anet", help="model name in the repository")
-    ap.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batcher max queue delay")
-    ap.add_argument("--instances", type=int, default=1, help="model instances per GPU")
+    ap.add_argument(
+        "--queue-delay-us", type=non_negative_int, default=100, help="dynamic batcher max queue delay"
+    )
+    ap.add_argument("--instances", type=positive_int, default=1, help="model instances per GPU")
     ap.add_argument("--allow-parity-fail", action="store_true")
     ap.add_argument(
         "--engine-cache",
@@ -29,10 +35,9 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+@interruptible("m2a-triton")
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.queue_delay_us < 0 or args.instances < 1:
-        parser().error("--queue-delay-us must be >= 0 and --instances >= 1")
     try:
         model_dir = write_repository(
             args.folder,
