@@ -1,11 +1,16 @@
 """Shared fixtures. The Triton ones import tritonclient when used, not here: the GPU tests run on an
 offline GPU image without it (ci/gpu-check)."""
 
+import contextlib
+import io
+import shutil
+
 import pytest
 import torch
 
 from m2anet.cli import export as cli
 from m2anet.data import load_split
+from m2anet.parity import TIERS, Tier
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +31,31 @@ def small(tmp_path_factory):
     args = ["--model", "m2anet_small", "--precision", "all", "--out", str(out), "--quiet"]
     assert cli.main([*args, "--parity-nodes", "24", "--calib-size", "32"]) == 0
     return out / "m2anet_small"
+
+
+@pytest.fixture(scope="session")
+def refused_int8(small, tmp_path_factory):
+    """An INT8 export of the small model held to a tier no graph can pass (AUC >= 150% of FP32).
+
+    Calibrated on 8 nodes (entropy), beside a copy of the shared FP32 graph. Returns m2a-export's
+    exit code and stderr when it refuses the graph, its exit code with --allow-parity-fail, and
+    the folder then kept: the export test checks the refusal, the --diagnose test re-quantizes
+    this graph, on 8 calibration nodes per trial instead of the shared export's 32.
+    """
+    out = tmp_path_factory.mktemp("refused")
+    folder = out / "m2anet_small"
+    folder.mkdir()
+    for name in ("manifest.json", "model.fp32.onnx"):  # the FP32 graph is reused, not re-exported
+        shutil.copy(small / name, folder / name)
+    args = ["--model", "m2anet_small", "--precision", "int8", "--out", str(out), "--quiet"]
+    args += ["--parity-nodes", "24", "--calib-size", "8", "--calib-method", "entropy"]
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(TIERS, "int8", Tier("int8", max_flip_fraction=0.0, min_relative_auc=1.5))
+        with contextlib.redirect_stderr(stderr):
+            refused = cli.main(args)
+        kept = cli.main([*args, "--allow-parity-fail"])
+    return {"refused": refused, "stderr": stderr.getvalue(), "kept": kept, "folder": folder}
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ from m2anet.export.onnx_export import export_fp32, max_abs_diff
 from m2anet.io import atomic_path, sha256_file
 from m2anet.manifest import ArtifactError, artifact_entry, read_manifest
 from m2anet.parity import FP32_LOGIT_TOLERANCE as FP32_TOLERANCE
-from m2anet.parity import TIERS, Tier
 
 
 def _ops(path):
@@ -151,18 +150,11 @@ def test_bad_cli_input_exits_nonzero(tmp_path, capsys):
     assert code == 2 and err[-1].startswith("m2a-export: error:") and "not found" in err[-1]
 
 
-def test_int8_that_fails_its_tier_is_not_shipped_silently(small, tmp_path, monkeypatch, capsys):
-    folder = tmp_path / "m2anet_small"
-    folder.mkdir()
-    for name in ("manifest.json", "model.fp32.onnx"):  # the FP32 graph is reused, not re-exported
-        (folder / name).write_bytes((small / name).read_bytes())
-    monkeypatch.setitem(TIERS, "int8", Tier("int8", max_flip_fraction=0.0, min_relative_auc=1.5))
-    args = ["--model", "m2anet_small", "--precision", "int8", "--out", str(tmp_path), "--quiet"]
-    args += ["--parity-nodes", "24", "--calib-size", "8", "--calib-method", "entropy"]
-    assert cli.main(args) == 1
-    assert "failed its parity tier" in capsys.readouterr().err
-    assert cli.main([*args, "--allow-parity-fail"]) == 0
-    assert not read_manifest(folder)["artifacts"]["model.int8.onnx"]["parity"]["passed"]
+def test_int8_that_fails_its_tier_is_not_shipped_silently(refused_int8):
+    assert refused_int8["refused"] == 1
+    assert "failed its parity tier" in refused_int8["stderr"]
+    assert refused_int8["kept"] == 0
+    assert not read_manifest(refused_int8["folder"])["artifacts"]["model.int8.onnx"]["parity"]["passed"]
 
 
 def test_int8_cpu_runner_is_exact_on_every_x64_cpu(small):
