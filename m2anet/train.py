@@ -102,15 +102,22 @@ def predict(model: M2ANet, cohort: Cohort, batch: int = 16) -> tuple[np.ndarray,
     return np.concatenate(probs), (np.concatenate(masks) if masks else np.zeros(0, bool))
 
 
-def evaluate(model: M2ANet, cohort: Cohort, threshold: float) -> dict[str, float]:
+def evaluate(model: M2ANet, cohort: Cohort, threshold: float, per_node: bool = False) -> dict[str, Any]:
+    """Metrics on `cohort`; `per_node` adds each node's probability (6 decimals) and label, which the
+    training record keeps so that a test can check shipped weights on a prefix of the test split and
+    the record's metrics from its own numbers."""
     prob, seg = predict(model, cohort)
-    return {
+    result = {
         **binary_metrics(cohort.label, prob, threshold),
         "auc": roc_auc(cohort.label, prob),
         "dice": dice(seg, cohort.seg > 0.5) if seg.size else float("nan"),
         "threshold": threshold,
         "nodes": len(cohort),
     }
+    if per_node:
+        result["probability"] = [round(float(x), 6) for x in prob]
+        result["label"] = [int(x) for x in cohort.label]
+    return result
 
 
 def size_rule(cohort: Cohort) -> dict[str, Any]:
@@ -273,7 +280,7 @@ def train(
         "wall_time_s": round(time.time() - t0, 1),
         "train_nodes_per_s": round(trained_nodes / trained_s, 1),
         **dev.facts(),
-        "test": evaluate(model, test_set, threshold),
+        "test": evaluate(model, test_set, threshold, per_node=True),
         "test_size_rule": size_rule(test_set),
     }
     return model.to("cpu", memory_format=torch.contiguous_format), record
