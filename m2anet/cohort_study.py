@@ -12,7 +12,7 @@ is (`m2anet.data`), two things that a change of the cohort must keep in view:
 
 Signs are read back from the generator, not from a copy of its formulas: a node's patch is drawn
 from its own random generator and `_draw_signs` is the first draw from it, so drawing the signs
-from a copy of that generator gives the signs of the patch. `study` checks this on every node
+from a copy of that generator gives the signs of the patch. `rendered_nodes` checks this on every node
 (the short axis and the label probability must match what the patch reports), so a generator
 change that breaks it stops the study instead of mis-attributing signs.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,7 +484,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
     ]
     for name, rows in report["ceilings"].items():
         lines += ["", f"{name}:", "", _HEADER, *(_row(k, m) for k, m in rows.items())]
-    return "\n".join(lines) + "\n"
+    return "\n".join(textwrap.fill(line, 100) if line.startswith("**") else line for line in lines) + "\n"
 
 
 def write_report(out_dir: str | Path, report: dict[str, Any], command: str) -> dict[str, Path]:
