@@ -165,3 +165,17 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys, prog, wh
     assert CLIS[prog].main([a.format(tmp=tmp_path) for a in argv]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"{prog}: interrupted (Ctrl-C); no file was left half-written"]
+
+
+def test_training_threshold_rule_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """Accuracy on val by default (issue 14); an unknown rule is refused by the parser, and by `train`
+    before it generates a single node."""
+    from m2anet import train as training
+
+    monkeypatch.chdir(tmp_path)
+    assert _exit(train.main, ["--threshold-rule", "median"]) == 2
+    assert "--threshold-rule" in _errors(capsys, "m2a-train")[0]
+    assert train.parser().parse_args([]).threshold_rule == "accuracy"
+    monkeypatch.setattr(training, "load_split", lambda *a, **k: pytest.fail("generated nodes"))
+    with pytest.raises(ValueError, match="threshold rule 'median': choose one of accuracy, youden"):
+        training.train("m2anet_small", 1, threshold_rule="median")

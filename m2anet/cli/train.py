@@ -25,7 +25,7 @@ from m2anet.cli.args import (
 )
 from m2anet.io import write_json
 from m2anet.model import list_models
-from m2anet.train import TRAIN_DEFAULTS, train, train_throughput
+from m2anet.train import THRESHOLD_RULES, TRAIN_DEFAULTS, train, train_throughput
 from m2anet.weights import save_weights
 
 
@@ -57,6 +57,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-train", type=int_at_least(2), default=None, help="use the first N training nodes")
     ap.add_argument("--max-minutes", type=positive_float, default=None, help="stop after this wall time")
     ap.add_argument("--init", type=Path, default=None, help="continue from these weights")
+    ap.add_argument(
+        "--threshold-rule",
+        choices=list(THRESHOLD_RULES),
+        default="accuracy",
+        help="how the decision threshold is chosen on the val split (default: best accuracy)",
+    )
     ap.add_argument(
         "--throughput",
         type=positive_int,
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             args.init,
             args.device,
             args.precision,
+            args.threshold_rule,
         )
     except ValueError as e:
         print(f"m2a-train: error: {e}", file=sys.stderr)
