@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from m2anet.data import Cohort, load_split
 from m2anet.engines.torch_backend import channels_last, cuda_math
-from m2anet.io import sha256_file
+from m2anet.io import atomic_path, sha256_file
 from m2anet.metrics import accuracy_threshold, binary_metrics, dice, roc_auc, sigmoid, youden_threshold
 from m2anet.model import M2ANet, config_dict, create_model
 from m2anet.preprocess import short_axis_mm
@@ -199,6 +199,51 @@ metastasis as much as a false alarm whatever the prevalence, which cost up to 7.
 a fresh cohort (issue 14). The shipped weights were trained before and record Youden's J."""
 
 
+class Checkpoint:
+    """The state of a run at the end of its last completed epoch, so that a run killed or cut short by
+    `max_minutes` continues where it was instead of starting over: the model, optimiser and schedule,
+    the random generators, the history and the best epoch so far. Written atomically after every epoch,
+    loaded without pickle (`weights_only`). A run continues only with the options that started it: the
+    same options and the same epoch give the weights an uninterrupted run gives, bit for bit, on the CPU."""
+
+    def __init__(self, path: Path, options: dict[str, Any]) -> None:
+        self.path, self.options = Path(path), options
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated file or not a checkpoint: never silently restarted over
+            raise ValueError(
+                f"checkpoint {self.path} cannot be read ({type(e).__name__}): delete it to start over"
+            ) from None
+        changed = sorted(k for k in self.options if state["options"].get(k) != self.options[k])
+        if changed:
+            raise ValueError(
+                f"checkpoint {self.path} is of another run ({', '.join(changed)} differ): "
+                "pass the options it was started with, or delete it to start over"
+            )
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        with atomic_path(self.path) as tmp:
+            torch.save({"options": self.options, **state}, tmp)
+
+
+def _rng_state(dev: TrainDevice) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if dev.cuda:
+        state["cuda"] = torch.cuda.get_rng_state(dev.device)
+    return state
+
+
+def _set_rng_state(dev: TrainDevice, state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if dev.cuda:
+        torch.cuda.set_rng_state(state["cuda"], dev.device)
+
+
 def _init_record(init: Path | None) -> dict | None:
     """Where a continued run started: the weights' hash and the record of the run that made them."""
     if init is None:
@@ -222,10 +267,12 @@ def train(
     device: str = "cpu",
     precision: str | None = None,
     threshold_rule: str = "accuracy",
+    checkpoint: Path | None = None,
 ) -> tuple[M2ANet, dict]:
     """Train `name` on `device` (TRAIN_DEFAULTS gives each device's batch and lr); `init` continues from
-    earlier weights (with their record beside them); the threshold comes from THRESHOLD_RULES. The model
-    comes back on the CPU, NCDHW."""
+    earlier weights (with their record beside them); the threshold comes from THRESHOLD_RULES. With
+    `checkpoint`, each completed epoch is saved there and a run with the same options resumes from it.
+    The model comes back on the CPU, NCDHW."""
     if threshold_rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule {threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
     choose_threshold, rule_text = THRESHOLD_RULES[threshold_rule]
@@ -242,9 +289,28 @@ def train(
     total = epochs * steps_per_epoch
     step = TrainSteps(model, train_set, dev, lr, total)
     history, best_auc, best_state, stopped_early = [], -1.0, None, False
-    trained_s, trained_nodes = 0.0, 0
-    bar = tqdm(total=total, desc=f"train {name}", unit="step", file=sys.stderr)
-    for epoch in range(epochs):
+    trained_s, trained_nodes, earlier_s = 0.0, 0, 0.0
+    saver = None
+    if checkpoint is not None:
+        options = {
+            "model": name, "epochs": epochs, "seed": seed, "batch": batch, "lr": lr, "n_train": n_train,
+            "init_sha256": sha256_file(init) if init else None, "device": str(dev.device),
+            "precision": dev.precision, "threshold_rule": threshold_rule,
+        }  # fmt: skip
+        saver = Checkpoint(checkpoint, options)
+        state = saver.load()
+        if state is not None:
+            model.load_state_dict(state["model"])
+            step.opt.load_state_dict(state["opt"])
+            step.sched.load_state_dict(state["sched"])
+            gen.set_state(state["gen"])
+            _set_rng_state(dev, state["rng"])
+            history, best_auc, best_state = state["history"], state["best_auc"], state["best_state"]
+            trained_s, trained_nodes, earlier_s = state["trained_s"], state["trained_nodes"], state["wall_s"]
+            tqdm.write(f"resuming {checkpoint} after epoch {len(history)}", file=sys.stderr)
+    done = len(history) * steps_per_epoch
+    bar = tqdm(total=total, initial=done, desc=f"train {name}", unit="step", file=sys.stderr)
+    for epoch in range(len(history), epochs):
         model.train()
         order = torch.randperm(len(train_set), generator=gen).numpy()
         losses = []
@@ -271,8 +337,18 @@ def train(
                 val_auc,
                 {k: v.clone() for k, v in model.state_dict().items()},
             )
-        if stopped_early:
+        if stopped_early:  # the checkpoint keeps the last whole epoch: a rerun redoes this one
             break
+        if saver is not None:
+            saver.save(
+                {
+                    "model": model.state_dict(), "opt": step.opt.state_dict(),
+                    "sched": step.sched.state_dict(), "gen": gen.get_state(), "rng": _rng_state(dev),
+                    "history": history, "best_auc": best_auc, "best_state": best_state,
+                    "trained_s": trained_s, "trained_nodes": trained_nodes,
+                    "wall_s": earlier_s + time.time() - t0,
+                }
+            )  # fmt: skip
     bar.close()
     model.load_state_dict(best_state)
     prob, _ = predict(model, val_set)
@@ -291,7 +367,7 @@ def train(
         "threshold": threshold,
         "threshold_rule": rule_text,
         "history": history,
-        "wall_time_s": round(time.time() - t0, 1),
+        "wall_time_s": round(earlier_s + time.time() - t0, 1),
         "train_nodes_per_s": round(trained_nodes / trained_s, 1),
         **dev.facts(),
         "test": evaluate(model, test_set, threshold, per_node=True),

@@ -2,7 +2,8 @@
 
 Seeded and deterministic on the CPU (same seed, same thread count -> same weights), unless
 `--max-minutes` cuts the run short. `--device cuda` trains in bf16 autocast and channels-last.
-`--throughput STEPS` measures training nodes/s on the device instead, writing no weights.
+`--throughput STEPS` measures training nodes/s on the device instead, writing no weights. Each
+completed epoch is checkpointed, so the same command rerun after an interruption continues the run.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-minutes", type=positive_float, default=None, help="stop after this wall time")
     ap.add_argument("--init", type=Path, default=None, help="continue from these weights")
     ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="where each completed epoch is saved, and a rerun with the same options resumes from "
+        "(default: OUT/MODEL.checkpoint.pt; removed once the weights are written)",
+    )
+    ap.add_argument(
         "--threshold-rule",
         choices=list(THRESHOLD_RULES),
         default="accuracy",
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if kind == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
+        checkpoint = args.checkpoint or args.out / f"{args.model}.checkpoint.pt"
         model, record = train(
             args.model,
             args.epochs,
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             args.precision,
             args.threshold_rule,
+            checkpoint,
         )
     except ValueError as e:
         print(f"m2a-train: error: {e}", file=sys.stderr)
@@ -127,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         metadata={"model": args.model, "threshold": repr(record["threshold"])},
     )
     write_json(weights.with_suffix(".json"), record)
+    if not record["stopped_early"]:  # a run cut by --max-minutes continues from it when rerun
+        checkpoint.unlink(missing_ok=True)
     t, b = record["test"], record["test_size_rule"]["contour"]
     print(
         f"{args.model}: test accuracy {t['accuracy']:.3f} AUC {t['auc']:.3f} Dice {t['dice']:.3f} "

@@ -1,0 +1,65 @@
+import functools
+
+import pytest
+import torch
+
+from m2anet import train as training
+from m2anet.data import load_split
+
+OPTIONS = {"epochs": 2, "n_train": 16, "batch": 8, "threshold_rule": "accuracy"}
+"""Two steps an epoch; the first 16 training nodes hold both classes."""
+
+
+@pytest.fixture
+def tiny_splits(monkeypatch):
+    """val and test cut to 8 nodes: the run is what is under test, not the metrics."""
+    cut = functools.cache(lambda name, n: load_split(name, n=n or 8))  # generated once for every run
+    monkeypatch.setattr(training, "load_split", lambda name, n=None: cut(name, n))
+
+
+@pytest.fixture
+def deterministic():
+    """As m2a-train runs on the CPU; restored afterwards for the other tests."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def _train(checkpoint=None, **extra):
+    return training.train("m2anet_small", checkpoint=checkpoint, **{**OPTIONS, **extra})
+
+
+def test_a_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(
+    tiny_splits, deterministic, tmp_path, monkeypatch
+):
+    want, want_record = _train()
+
+    real_step, steps = training.TrainSteps.__call__, []
+
+    def killed_in_epoch_two(self, gen, idx):
+        steps.append(idx)
+        if len(steps) == 3:  # two steps an epoch: the first epoch and its checkpoint are done
+            raise KeyboardInterrupt
+        return real_step(self, gen, idx)
+
+    checkpoint = tmp_path / "run.checkpoint.pt"
+    monkeypatch.setattr(training.TrainSteps, "__call__", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        _train(checkpoint)
+    monkeypatch.setattr(training.TrainSteps, "__call__", real_step)
+    assert checkpoint.is_file()
+
+    got, record = _train(checkpoint)
+    for (name, a), b in zip(want.state_dict().items(), got.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    assert record["history"] == want_record["history"] and record["threshold"] == want_record["threshold"]
+
+    with pytest.raises(ValueError, match=r"is of another run \(lr, seed differ\): pass the options"):
+        _train(checkpoint, seed=1, lr=1e-3)
+    checkpoint.write_bytes(b"half a checkpoint")
+    with pytest.raises(ValueError, match=r"cannot be read .*: delete it to start over"):
+        _train(checkpoint)
