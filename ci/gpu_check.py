@@ -114,13 +114,10 @@ def profile(out: Path, model: str, batch: int) -> int:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from m2anet.data import load_split
+    from m2anet.bench.scenarios import Inputs
     from m2anet.engines import open_backend
 
-    cohort = load_split("calib", n=min(batch, 16))
-    reps = -(-batch // len(cohort))
-    ct = torch.from_numpy(cohort.ct).repeat(reps, 1, 1, 1, 1)[:batch].cuda()
-    mask = torch.from_numpy(cohort.mask).repeat(reps, 1, 1, 1, 1)[:batch].cuda()
+    ct, mask = (torch.from_numpy(x).cuda() for x in Inputs().batches(batch, 1)[0])
     lines = [f"# Slowest CUDA kernels, {model}, batch {batch}, 5 calls after 3 warm-up calls", ""]
     for spec in ("torch:cuda", "torch:cuda:fp16", "torch:cuda:fp16@channels_last=false"):
         with open_backend(spec, model_name=model) as backend:

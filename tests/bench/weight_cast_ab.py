@@ -13,18 +13,16 @@ import time
 
 import torch
 
-from m2anet.data import load_split
+from m2anet.bench.scenarios import Inputs
 from m2anet.engines.torch_backend import _CAST_ONCE, TorchBackend
 
 MODEL = "m2anet_base"
-COHORT = load_split("calib", n=16)
+INPUTS = Inputs()
 
 
 def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    reps = -(-n // len(COHORT))
-    ct = torch.from_numpy(COHORT.ct).repeat(reps, 1, 1, 1, 1)[:n]
-    mask = torch.from_numpy(COHORT.mask).repeat(reps, 1, 1, 1, 1)[:n]
-    return ct.cuda(), mask.cuda()
+    ct, mask = INPUTS.batches(n, 1)[0]
+    return torch.from_numpy(ct).cuda(), torch.from_numpy(mask).cuda()
 
 
 def timed(backend: TorchBackend, ct: torch.Tensor, mask: torch.Tensor) -> tuple[float, tuple]:
