@@ -34,7 +34,10 @@ from scipy.spatial import ConvexHull, QhullError
 from tqdm import tqdm
 
 from m2anet.data import (
+    FRESH_NODES,
+    FRESH_SEED,
     GENERATOR_VERSION,
+    SIGN_NAMES,
     SPLITS,
     NodeSigns,
     _draw_signs,
@@ -50,9 +53,6 @@ from m2anet.preprocess import short_axis_mm
 
 sklearn_linear = lazy_import("sklearn.linear_model", "pip install 'm2anet[dev]' (scikit-learn)")
 
-FRESH_SEED, FRESH_NODES = 9090, 600
-"""The fresh cohort of issue 14's goals: a seed no split uses, 600 nodes."""
-
 VISIBLE_R = 0.6
 HEAVY_LOGIT_SD = 1.0
 """Issue 14's bar: a sign whose logit term has SD >= 1 needs a measurement with |r| >= 0.6."""
@@ -60,7 +60,7 @@ HEAVY_LOGIT_SD = 1.0
 SIGN_MEASUREMENTS: dict[str, tuple[str, ...]] = {
     "short_axis_mm": ("contour_short_axis_mm", "contour_equivalent_diameter_mm"),
     "roundness": ("contour_moment_roundness",),
-    "necrosis": ("core_rim_drop_hu", "interior_mean_hu"),
+    "necrosis": ("core_rim_drop_hu", "interior_mean_hu", "low_attenuation_fraction"),
     "heterogeneity": ("interior_sd_hu", "interior_smooth_sd_hu", "texture_excess_hu"),
     "irregularity": ("contour_solidity", "contour_sphericity", "image_solidity"),
     "fatty_hilum": ("fat_fraction", "interior_p05_hu"),
@@ -83,6 +83,7 @@ FEATURES: tuple[str, ...] = (
     "texture_excess_hu",
     "noise_sd_hu",
     "core_rim_drop_hu",
+    "low_attenuation_fraction",
     "fat_fraction",
     "interior_p05_hu",
     "max_hu",
@@ -219,6 +220,7 @@ def node_features(ct: np.ndarray, mask: np.ndarray) -> dict[str, float]:
         "texture_excess_hu": float(math.sqrt(max(values.var() - noise_sd**2, 0.0))),
         "noise_sd_hu": noise_sd,
         "core_rim_drop_hu": core_rim,
+        "low_attenuation_fraction": float(((soft_values > -40.0) & (soft_values < 20.0)).mean()),
         "fat_fraction": float((denoised[inner] < -20.0).mean()),
         "interior_p05_hu": float(np.percentile(soft_values, 5)),
         "max_hu": float(denoised[m].max()),
@@ -278,6 +280,7 @@ class LabelSimulation:
     signs_logit: np.ndarray
     terms: dict[str, np.ndarray]
     label: np.ndarray
+    signs: np.ndarray  # (n, 7), NodeSigns.vector() of each node
 
     def summary(self) -> dict[str, Any]:
         """Each sign's logit SD and the Bayes rule with and without the patient effect (zero-mean and
@@ -293,7 +296,30 @@ class LabelSimulation:
             "logit_sd_total": float(self.logit.std()),
             "with_patient_effect": _scores(self.label, self.logit, 0.0),
             "signs_only": _scores(self.label, self.signs_logit, 0.0),
+            "realism": self.realism(),
         }
+
+    def realism(self) -> dict[str, Any]:
+        """What issue 14 keeps realistic: the short axis of metastatic and benign nodes (quartiles),
+        the 10 mm rule on the true diameter, and how specific necrosis and a fatty hilum are."""
+        short = self.signs[:, SIGN_NAMES.index("short_axis_mm")]
+        met = self.label == 1
+        rule = binary_metrics(self.label, short, 10.0)
+        out: dict[str, Any] = {
+            "short_axis_quartiles_mm": {
+                "metastatic": [float(q) for q in np.percentile(short[met], [25, 50, 75])],
+                "benign": [float(q) for q in np.percentile(short[~met], [25, 50, 75])],
+            },
+            "size_rule_true_diameter": {k: rule[k] for k in ("sensitivity", "specificity")},
+        }
+        for sign in ("necrosis", "fatty_hilum"):
+            present = self.signs[:, SIGN_NAMES.index(sign)] > 0
+            out[sign] = {
+                "in_metastatic": float(present[met].mean()),
+                "in_benign": float(present[~met].mean()),
+                "p_metastatic_if_present": float(met[present].mean()),
+            }
+        return out
 
     def without(self, unknown: list[str]) -> dict[str, Any]:
         """The signs-only ceiling when the `unknown` signs are not seen (held at their median): the
@@ -327,7 +353,8 @@ def simulate_label_model(n: int, seed: int, progress: bool = True) -> LabelSimul
         if term.std() > 0:
             terms[f.name] = term
     label = np.random.default_rng([GENERATOR_VERSION, seed]).random(len(logit)) < sigmoid(logit)
-    return LabelSimulation(seed, logit, signs_logit, terms, label.astype(np.int64))
+    signs = np.stack([s.vector() for s, _ in drawn])
+    return LabelSimulation(seed, logit, signs_logit, terms, label.astype(np.int64), signs)
 
 
 def visibility(logit_sd: dict[str, float], cohorts: list[MeasuredCohort]) -> dict[str, Any]:
@@ -413,8 +440,10 @@ def study(
         [row["sign"] for row in vis["signs"] if row["flagged"]]
     )
     fit, prob, threshold = radiomics_reader(cohorts["train"], cohorts["val"])
+    interior = np.concatenate([c.features[:, FEATURES.index("interior_mean_hu")] for c in cohorts.values()])
     return {
         "generator_version": GENERATOR_VERSION,
+        "interior_hu": [float(q) for q in np.percentile(interior, [5, 50, 95])],
         "label_model": label_model,
         "visibility": vis,
         "reader": {
@@ -474,7 +503,11 @@ def markdown(report: dict[str, Any], command: str) -> str:
         _HEADER,
         _row("label model, with patient effect", lm["with_patient_effect"]),
         _row("label model, signs only", lm["signs_only"]),
-        _row(f"label model, signs only without {', '.join(unknown) or 'none'}", lm["visible_signs_only"]),
+        *(
+            [_row(f"label model, signs only without {', '.join(unknown)}", lm["visible_signs_only"])]
+            if unknown
+            else []
+        ),
         "",
         f"**Readers.** Radiomics reader: logistic regression (scikit-learn) on the {len(reader['features'])} "
         f"standardised measurements above, fitted on the first {reader['train_nodes']} `train` nodes, "
@@ -484,6 +517,33 @@ def markdown(report: dict[str, Any], command: str) -> str:
     ]
     for name, rows in report["ceilings"].items():
         lines += ["", f"{name}:", "", _HEADER, *(_row(k, m) for k, m in rows.items())]
+    real, hu = lm["realism"], report["interior_hu"]
+    rule = real["size_rule_true_diameter"]
+    quartiles = {k: f"{q[1]:.1f} ({q[0]:.1f}-{q[2]:.1f})" for k, q in real["short_axis_quartiles_mm"].items()}
+    contour_auc = " / ".join(
+        f"{rows['size rule, contour']['auc']:.3f}" for rows in report["ceilings"].values()
+    )
+    lines += [
+        "",
+        f"**Realism** (the simulation's {lm['nodes']:,} nodes unless stated):",
+        "",
+        "| figure | value | kept at |",
+        "| --- | --- | --- |",
+        f"| prevalence | {lm['prevalence']:.3f} | 30-45% |",
+        f"| short axis, metastatic: median (quartiles), mm | {quartiles['metastatic']} | above benign |",
+        f"| short axis, benign | {quartiles['benign']} | median about 7-8 mm |",
+        "| 10 mm rule on the true diameter: sensitivity / specificity | "
+        f"{rule['sensitivity']:.2f} / {rule['specificity']:.2f} | about 0.5 / 0.8 |",
+        f"| size rule on the contour: AUC ({' / '.join(report['ceilings'])}) | {contour_auc} | below 0.75 |",
+        "| necrosis in metastatic / benign nodes; P(metastatic if necrotic) | "
+        f"{real['necrosis']['in_metastatic']:.1%} / {real['necrosis']['in_benign']:.1%}; "
+        f"{real['necrosis']['p_metastatic_if_present']:.2f} | a specific sign |",
+        "| fatty hilum in metastatic / benign nodes; P(metastatic if present) | "
+        f"{real['fatty_hilum']['in_metastatic']:.1%} / {real['fatty_hilum']['in_benign']:.1%}; "
+        f"{real['fatty_hilum']['p_metastatic_if_present']:.2f} | a benign sign |",
+        "| node interior HU (rendered nodes): median (5th-95th percentile) | "
+        f"{hu[1]:.0f} ({hu[0]:.0f} to {hu[2]:.0f}) | soft tissue, lower with necrosis or fat |",
+    ]
     return "\n".join(textwrap.fill(line, 100) if line.startswith("**") else line for line in lines) + "\n"
 
 

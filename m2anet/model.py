@@ -19,6 +19,10 @@ blind to size and shape, the strongest clinical signs (short axis, roundness). F
 more token, or unstandardised, they were learned slowly (the short extent varies by a few
 tenths around a larger offset) and CPU-trained checkpoints stayed below the short-axis rule, so
 they are standardised with statistics of the training split, stored with the weights.
+
+The intensity statistics (issue 14) go beside them for the same reason: heterogeneous enhancement, a
+necrotic core and a fatty hilum change the spread and the low-attenuation share of the voxels inside
+the contour, which normalised attention means hardly show.
 """
 
 from __future__ import annotations
@@ -205,6 +209,53 @@ class ContourShape(nn.Module):
         return torch.sqrt(torch.relu(variances))
 
 
+def _hu(value: float) -> float:
+    """An HU value on the model's input scale."""
+    lo, hi = HU_WINDOW
+    return (value - lo) / (hi - lo)
+
+
+class IntensityStats(nn.Module):
+    """What a radiologist reads inside the contour, beside the attention means: mean and spread of the
+    lightly smoothed CT over the contour and over its interior (eroded two voxels in-plane, past the
+    delineation error), the rim's excess over the interior (a hypodense core: necrosis), and the soft
+    fractions of interior voxels that are low-attenuation (necrosis), fat (a fatty hilum) and
+    calcium. Attention means of normalised features are blind to spread and to a small hypodense
+    part; these are not. No parameters, and nothing in them has a gradient (the inputs have none).
+    """
+
+    N_STATS = 8
+    _LOW, _FAT, _BRIGHT, _SOFTNESS = _hu(15.0), _hu(-40.0), _hu(150.0), 10.0 / (HU_WINDOW[1] - HU_WINDOW[0])
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.smooth = nn.AvgPool3d((1, 3, 3), stride=1, padding=(0, 1, 1))
+        self.spread = nn.MaxPool3d((1, 5, 5), stride=1, padding=(0, 2, 2))
+        self.eps = eps
+
+    def _mean(self, w: torch.Tensor, x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        return (w * x).sum((2, 3, 4)) / mass
+
+    def forward(self, ct: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.smooth(ct)
+        interior = (1.0 - self.spread(1.0 - mask)) + 0.01 * mask  # the contour itself if nothing is left
+        stats = []
+        means = []
+        for w in (mask, interior):
+            mass = w.sum((2, 3, 4)) + self.eps
+            mean = self._mean(w, x, mass)
+            centred = x - mean[:, :, None, None, None]
+            stats += [mean, torch.sqrt(self._mean(w, centred * centred, mass) + self.eps * self.eps)]
+            means.append(mean)
+        mass = interior.sum((2, 3, 4)) + self.eps
+        low = self._mean(interior, torch.sigmoid((self._LOW - x) / self._SOFTNESS), mass)
+        fat = self._mean(interior, torch.sigmoid((self._FAT - x) / self._SOFTNESS), mass)
+        bright = self._mean(
+            mask, torch.sigmoid((ct - self._BRIGHT) / self._SOFTNESS), mask.sum((2, 3, 4)) + self.eps
+        )
+        return torch.cat([*stats, means[0] - means[1], low, fat, bright], dim=1)  # (B, 8)
+
+
 class GatedAttentionFusion(nn.Module):
     """Gated attention pooling over tokens (Ilse et al. 2018): which scale and ring matter."""
 
@@ -255,6 +306,10 @@ class M2ANet(nn.Module):
         self.register_buffer("geometry_mean", torch.zeros(6))
         self.register_buffer("geometry_std", torch.ones(6))
         self.geometry_proj = nn.Linear(6, td)
+        self.intensity = IntensityStats(config.eps)
+        self.register_buffer("intensity_mean", torch.zeros(IntensityStats.N_STATS))
+        self.register_buffer("intensity_std", torch.ones(IntensityStats.N_STATS))
+        self.intensity_proj = nn.Linear(IntensityStats.N_STATS, td)
         self.token_embed = nn.Parameter(torch.zeros(1, 10, td))  # which scale/ring a token is
         self.fusion = GatedAttentionFusion(td, config.attn_dim)
         self.head = nn.Sequential(
@@ -295,8 +350,10 @@ class M2ANet(nn.Module):
             dim=1,
         )
         geometry = (self.geometry(rings3) - self.geometry_mean) / self.geometry_std
+        intensity = (self.intensity(ct, mask) - self.intensity_mean) / self.intensity_std
         fused = self.fusion(tokens + self.token_embed)
-        met_logit = self.head(torch.cat([fused, self.geometry_proj(geometry)], dim=1))
+        described = self.geometry_proj(geometry) + self.intensity_proj(intensity)
+        met_logit = self.head(torch.cat([fused, described], dim=1))
         if self.heads == "cls":
             return (met_logit,)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from m2anet.data import SPLITS, load_split
+from m2anet.data import SIGN_NAMES, SPLITS, load_split
 from m2anet.model import PATCH_SHAPE
 
 
@@ -20,6 +20,11 @@ def test_other_seed_gives_a_fresh_cohort():
     assert not set(a.patient_id) & set(b.patient_id)
 
 
+def test_worker_processes_draw_the_same_cohort():
+    """Each node has its own generator, spawned in order before any worker starts."""
+    assert load_split("calib", n=10, workers=2).sha256() == load_split("calib", n=10, workers=1).sha256()
+
+
 def test_arrays_are_model_inputs():
     c = load_split("train", n=8)
     assert c.ct.shape == c.mask.shape == c.seg.shape == (8, 1, *PATCH_SHAPE)
@@ -32,6 +37,11 @@ def test_arrays_are_model_inputs():
     assert (overlap > 0.3).all()
     _z, y, x = np.nonzero(c.seg[0, 0])
     assert abs(y.mean() - 31.5) < 10 and abs(x.mean() - 31.5) < 10
+    # the signs training supervises are the node's own: its short axis, and yes/no signs as 0/1
+    assert c.signs.shape == (8, len(SIGN_NAMES)) and c.signs.dtype == np.float32
+    np.testing.assert_array_equal(c.signs[:, SIGN_NAMES.index("short_axis_mm")], c.short_axis_mm)
+    for name in ("necrosis", "fatty_hilum", "calcified"):
+        assert set(np.unique(c.signs[:, SIGN_NAMES.index(name)])) <= {0.0, 1.0}
 
 
 def test_splits_are_disjoint_by_patient_and_grouped(test_split):

@@ -1,5 +1,6 @@
 import collections
 import json
+import math
 import shutil
 
 import numpy as np
@@ -43,8 +44,10 @@ def test_fp32_export_matches_pytorch(request, tmp_path, name, heads):
 
 def test_fp16_graph_is_typed_as_claimed(small):
     proto = onnx.load(str(small / "model.fp16.onnx"))
-    types = collections.Counter(t.data_type for t in proto.graph.initializer)
-    assert types[onnx.TensorProto.FLOAT16] > 2 * types[onnx.TensorProto.FLOAT]
+    values = collections.Counter()  # by elements: the FP32 tail has many small constants, few weights
+    for t in proto.graph.initializer:
+        values[t.data_type] += math.prod(t.dims)
+    assert values[onnx.TensorProto.FLOAT16] > 10 * values[onnx.TensorProto.FLOAT]
     conv_weights = {n.input[1] for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")}
     init = {t.name: t.data_type for t in proto.graph.initializer}
     assert all(init[w] == onnx.TensorProto.FLOAT16 for w in conv_weights if w in init)

@@ -8,6 +8,7 @@ from m2anet.model import (
     S3_SHAPE,
     S3_SPACING_MM,
     ContourShape,
+    IntensityStats,
     SoftMaskExpansion,
     fold_batchnorm,
 )
@@ -108,19 +109,46 @@ def test_encoder_does_not_see_the_mask_and_pooling_does():
     assert not torch.allclose(a[0], b[0])  # classification depends on which node is masked
 
 
-def test_geometry_is_standardised_with_training_statistics_saved_in_the_weights():
+def test_descriptors_are_standardised_with_training_statistics_saved_in_the_weights():
     from m2anet.data import load_split
-    from m2anet.train import _standardise_geometry
+    from m2anet.train import _standardise_descriptors
 
     model = create_model("m2anet_small")
     cohort = load_split("val", n=12)
-    _standardise_geometry(model, cohort)
+    _standardise_descriptors(model, cohort)
+    ct, mask = torch.from_numpy(cohort.ct), torch.from_numpy(cohort.mask)
     with torch.no_grad():
-        g = model.geometry(model.sme(torch.from_numpy(cohort.mask)))
-    z = (g - model.geometry_mean) / model.geometry_std
-    torch.testing.assert_close(z.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
-    torch.testing.assert_close(z.std(0), torch.ones(6))
-    assert {"geometry_mean", "geometry_std"} <= set(model.state_dict())
+        for name, values in (
+            ("geometry", model.geometry(model.sme(mask))),
+            ("intensity", model.intensity(ct, mask)),
+        ):
+            z = (values - getattr(model, f"{name}_mean")) / getattr(model, f"{name}_std")
+            torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+            torch.testing.assert_close(z.std(0), torch.ones(z.shape[1]))
+            assert {f"{name}_mean", f"{name}_std"} <= set(model.state_dict())
+
+
+def _hu(value: float) -> float:
+    return (value + 175.0) / 450.0
+
+
+def test_intensity_stats_read_mean_spread_a_hypodense_core_and_fat():
+    """A uniform node at 40 HU, the same node with a 0 HU core, and with a fat (-90 HU) part."""
+    stats = IntensityStats(eps=1e-3)
+    node = _ball(8.0)
+    uniform = torch.full_like(node, _hu(-100.0)) * (1 - node) + _hu(40.0) * node
+    core = uniform.clone()
+    core[_ball(4.0).bool()] = _hu(0.0)
+    fat = uniform.clone()
+    fat[..., 32:] = torch.where(node[..., 32:].bool(), _hu(-90.0), fat[..., 32:])
+    names = ("mean", "sd", "interior_mean", "interior_sd", "rim_excess", "low", "fat", "bright")
+    u, c, f = (dict(zip(names, stats(x, node)[0].tolist(), strict=True)) for x in (uniform, core, fat))
+    assert abs(u["interior_mean"] - _hu(40.0)) < 0.003 and u["interior_sd"] < 0.01  # within about 1 and 4 HU
+    assert u["mean"] < u["interior_mean"]  # the contour's edge voxels are smoothed with the fat around
+    assert u["low"] < 0.1 and u["fat"] < 0.01 and u["bright"] < 0.01  # soft fractions: 10 HU wide steps
+    assert c["low"] > u["low"] + 0.05 and c["rim_excess"] > u["rim_excess"] + 0.01 and c["interior_sd"] > 0.02
+    assert f["fat"] > 0.2 and f["low"] > 0.2 and f["interior_mean"] < u["interior_mean"]
+    assert stats(uniform, torch.zeros_like(node)).isfinite().all()  # an empty contour stays finite
 
 
 @pytest.mark.parametrize("name", ["m2anet_small", "m2anet_base"])

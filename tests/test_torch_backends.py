@@ -338,8 +338,9 @@ def test_selection_keeps_pytorch_paths_out_of_a_folder_built_from_other_weights(
 
 # --- training ---------------------------------------------------------------------------------
 def test_cpu_training_steps_are_the_recipe_unchanged():
-    """TrainSteps on the CPU against the loop body m2a-train ran before GPU training existed, copied
-    here as the oracle: bitwise the same weights after two steps (same flips, same optimiser)."""
+    """TrainSteps on the CPU (without the sign supervision added since) against the loop body m2a-train
+    ran before GPU training existed, copied here as the oracle: bitwise the same weights after two steps
+    (same flips, same optimiser)."""
     config = M2ANetConfig(widths=(2, 2, 2, 2, 2), token_dim=4, attn_dim=2, head_hidden=2)
     rng = np.random.default_rng(0)
     shape = (4, 1, 16, 64, 64)
@@ -352,6 +353,7 @@ def test_cpu_training_steps_are_the_recipe_unchanged():
         node_id=np.array(["a", "b", "c", "d"]),
         short_axis_mm=np.ones(4, np.float32),
         bayes_probability=np.ones(4, np.float32),
+        signs=rng.random((4, 7), dtype=np.float32),
     )
     batches = [np.array([0, 3]), np.array([1, 2])]
 
@@ -376,11 +378,21 @@ def test_cpu_training_steps_are_the_recipe_unchanged():
         sched.step()
 
     again, gen = fresh()
-    steps = TrainSteps(again, cohort, TrainDevice("cpu"), 2e-3, 2)
+    steps = TrainSteps(again, cohort, TrainDevice("cpu"), 2e-3, 2, signs_weight=0.0)
     for idx in batches:
         steps(gen, idx)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+    # with the signs: the auxiliary head learns and moves the shared weights, and never enters the model
+    supervised, gen = fresh()
+    steps = TrainSteps(supervised, cohort, TrainDevice("cpu"), 2e-3, 2)
+    head_before = steps.signs.linear.weight.detach().clone()
+    for idx in batches:
+        steps(gen, idx)
+    assert not torch.equal(steps.signs.linear.weight, head_before)
+    assert not torch.equal(supervised.geometry_proj.weight, model.geometry_proj.weight)
+    assert set(supervised.state_dict()) == set(model.state_dict())
 
 
 def test_training_device_record_defaults_and_refusals():

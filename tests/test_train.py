@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from m2anet import train as training
-from m2anet.data import load_split
+from m2anet.data import FRESH_SEED, load_split
 
 OPTIONS = {"epochs": 2, "n_train": 16, "batch": 8, "threshold_rule": "accuracy"}
 """Two steps an epoch; the first 16 training nodes hold both classes."""
@@ -12,9 +12,11 @@ OPTIONS = {"epochs": 2, "n_train": 16, "batch": 8, "threshold_rule": "accuracy"}
 
 @pytest.fixture
 def tiny_splits(monkeypatch):
-    """val and test cut to 8 nodes: the run is what is under test, not the metrics."""
-    cut = functools.cache(lambda name, n: load_split(name, n=n or 8))  # generated once for every run
-    monkeypatch.setattr(training, "load_split", lambda name, n=None: cut(name, n))
+    """val, test and the fresh cohort cut to 8 nodes: the run is what is under test, not the metrics."""
+    cut = functools.cache(lambda name, n, seed: load_split(name, n=n, seed=seed))  # once for every run
+    monkeypatch.setattr(
+        training, "load_split", lambda name, n=None, seed=None: cut(name, n if name == "train" else 8, seed)
+    )
 
 
 @pytest.fixture
@@ -57,6 +59,7 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(
     for (name, a), b in zip(want.state_dict().items(), got.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     assert record["history"] == want_record["history"] and record["threshold"] == want_record["threshold"]
+    assert record["fresh"]["seed"] == FRESH_SEED and len(record["fresh"]["probability"]) == 8
 
     with pytest.raises(ValueError, match=r"is of another run \(lr, seed differ\): pass the options"):
         _train(checkpoint, seed=1, lr=1e-3)

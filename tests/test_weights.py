@@ -1,10 +1,13 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from m2anet import create_model
-from m2anet.data import load_split
+from m2anet.data import FRESH_SEED, GENERATOR_VERSION, SPLITS, load_split
 from m2anet.metrics import binary_metrics, roc_auc
 from m2anet.train import evaluate
 from m2anet.weights import WeightsError, load_weights, save_weights, training_record
@@ -79,33 +82,62 @@ def test_classification_only_model_takes_the_two_head_checkpoint():
         torch.testing.assert_close(both(ct, mask)[0], cls(ct, mask)[0])
 
 
-PREFIX = 48
-"""Test nodes the shipped weights are run on: their probabilities must be the record's. The record's
-metrics are then checked on the record's own per-node probabilities and labels of the whole split."""
+PREFIX = {"test": 16, "fresh": 32}
+"""Nodes the shipped weights are run on, of the test split and of the fresh cohort: their probabilities
+must be the record's. The record's metrics are then checked on its own per-node probabilities and labels
+of the whole split and cohort (600 fresh nodes through m2anet_base take minutes on two cores)."""
+
+STUDY = Path(__file__).parents[1] / "docs" / "cohort-study" / "cohort_study.json"
+"""The cohort study of the shipped generator (`python -m m2anet.cli.cohort_study`): the radiomics reader and
+the label-model ceiling on the same fresh cohort, which the README's table sets beside the weights."""
 
 
 @pytest.fixture(scope="module", params=["m2anet_small", "m2anet_base"])
 def shipped(request):
-    """(record, fresh evaluation of the two-head model on the first PREFIX test nodes)."""
+    """(name, record, {"test": ..., "fresh": ...}: the two-head model run again on the first nodes)."""
     record = training_record(request.param)
-    prefix = load_split("test", n=PREFIX)
-    return record, evaluate(create_model(request.param, pretrained=True), prefix, record["threshold"], True)
+    model = create_model(request.param, pretrained=True)
+    cohorts = {
+        "test": load_split("test", n=PREFIX["test"]),
+        "fresh": load_split("test", n=PREFIX["fresh"], seed=record["fresh"]["seed"]),
+    }
+    again = {k: evaluate(model, c, record["threshold"], per_node=True) for k, c in cohorts.items()}
+    return request.param, record, again
+
+
+def _metrics(stored: dict, threshold: float) -> dict:
+    prob, label = np.array(stored["probability"]), np.array(stored["label"])
+    assert len(prob) == len(label) == stored["nodes"]
+    return {**binary_metrics(label, prob, threshold), "auc": roc_auc(label, prob)}
 
 
 def test_shipped_weights_reproduce_their_record(shipped):
-    record, fresh = shipped
-    test = record["test"]
-    np.testing.assert_allclose(fresh["probability"], test["probability"][:PREFIX], atol=1e-4)
-    assert fresh["label"] == test["label"][:PREFIX]
-    prob, label = np.array(test["probability"]), np.array(test["label"])
-    assert len(prob) == len(label) == test["nodes"]
-    assert abs(binary_metrics(label, prob, test["threshold"])["accuracy"] - test["accuracy"]) <= 0.005
-    assert abs(roc_auc(label, prob) - test["auc"]) <= 0.005
-    assert np.isfinite(fresh["dice"]) and fresh["dice"] > 0.5
+    _name, record, again = shipped
+    for split, fresh in again.items():
+        stored = record[split]
+        np.testing.assert_allclose(fresh["probability"], stored["probability"][: PREFIX[split]], atol=1e-4)
+        assert fresh["label"] == stored["label"][: PREFIX[split]]
+        recomputed = _metrics(stored, record["threshold"])
+        assert abs(recomputed["accuracy"] - stored["accuracy"]) <= 0.005
+        assert abs(recomputed["auc"] - stored["auc"]) <= 0.005
+        assert np.isfinite(fresh["dice"]) and fresh["dice"] > 0.5
+    assert record["fresh"]["seed"] == FRESH_SEED and FRESH_SEED not in [seed for seed, _ in SPLITS.values()]
 
 
 def test_shipped_weights_beat_the_size_rule(shipped):
     """Against the rule applied to the short axis measured on the same contour the model sees."""
-    record, _ = shipped
+    _name, record, _ = shipped
     rule, test = record["test_size_rule"]["contour"], record["test"]
     assert test["accuracy"] > rule["accuracy"] and test["auc"] > rule["auc"]
+
+
+def test_shipped_weights_beat_the_size_rule_on_a_fresh_cohort(shipped):
+    """On 600 nodes of a seed no training run saw, at the shipped threshold, on accuracy and AUC. Issue
+    14's goals (accuracy 0.77-0.80, AUC 0.83-0.86, better than the radiomics reader of the cohort study
+    and the true-diameter rule) are not met yet: README and docs/cohort.md."""
+    _name, record, _ = shipped
+    fresh = _metrics(record["fresh"], record["threshold"])
+    contour = record["fresh"]["size_rule"]["contour"]
+    assert fresh["accuracy"] > contour["accuracy"] and fresh["auc"] > contour["auc"], contour
+    study = json.loads(STUDY.read_text(encoding="utf-8"))
+    assert study["generator_version"] == GENERATOR_VERSION  # the readers the README compares with

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from m2anet.cli.args import int_at_least, interruptible, make_parser, non_negative_int, output_dir
-from m2anet.cohort_study import FRESH_NODES, FRESH_SEED, study, write_report
+from m2anet.cohort_study import study, write_report
+from m2anet.data import FRESH_NODES, FRESH_SEED
 
 PROG = "python -m m2anet.cli.cohort_study"
 

@@ -55,7 +55,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help=f"peak learning rate; default: {cpu['lr']:g} on the CPU, {cuda['lr']:g} on cuda",
     )
-    ap.add_argument("--n-train", type=int_at_least(2), default=None, help="use the first N training nodes")
+    ap.add_argument(
+        "--n-train",
+        type=int_at_least(2),
+        default=None,
+        help="train on the first N nodes of the train split's seed (default 2000; more draws more nodes)",
+    )
     ap.add_argument("--max-minutes", type=positive_float, default=None, help="stop after this wall time")
     ap.add_argument("--init", type=Path, default=None, help="continue from these weights")
     ap.add_argument(
