@@ -239,21 +239,17 @@ class IntensityStats(nn.Module):
     def forward(self, ct: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.smooth(ct)
         interior = (1.0 - self.spread(1.0 - mask)) + 0.01 * mask  # the contour itself if nothing is left
+        contour_mass, interior_mass = (w.sum((2, 3, 4)) + self.eps for w in (mask, interior))
         stats = []
-        means = []
-        for w in (mask, interior):
-            mass = w.sum((2, 3, 4)) + self.eps
+        for w, mass in ((mask, contour_mass), (interior, interior_mass)):
             mean = self._mean(w, x, mass)
             centred = x - mean[:, :, None, None, None]
             stats += [mean, torch.sqrt(self._mean(w, centred * centred, mass) + self.eps * self.eps)]
-            means.append(mean)
-        mass = interior.sum((2, 3, 4)) + self.eps
-        low = self._mean(interior, torch.sigmoid((self._LOW - x) / self._SOFTNESS), mass)
-        fat = self._mean(interior, torch.sigmoid((self._FAT - x) / self._SOFTNESS), mass)
-        bright = self._mean(
-            mask, torch.sigmoid((ct - self._BRIGHT) / self._SOFTNESS), mask.sum((2, 3, 4)) + self.eps
-        )
-        return torch.cat([*stats, means[0] - means[1], low, fat, bright], dim=1)  # (B, 8)
+        rim_excess = stats[0] - stats[2]  # contour mean minus interior mean
+        low = self._mean(interior, torch.sigmoid((self._LOW - x) / self._SOFTNESS), interior_mass)
+        fat = self._mean(interior, torch.sigmoid((self._FAT - x) / self._SOFTNESS), interior_mass)
+        bright = self._mean(mask, torch.sigmoid((ct - self._BRIGHT) / self._SOFTNESS), contour_mass)
+        return torch.cat([*stats, rim_excess, low, fat, bright], dim=1)  # (B, 8)
 
 
 class GatedAttentionFusion(nn.Module):

@@ -188,11 +188,11 @@ class SignSupervision(nn.Module):
     def __init__(self, model: M2ANet, signs: np.ndarray, device: torch.device) -> None:
         super().__init__()
         self.linear = nn.Linear(model.head[0].in_features, len(SIGN_NAMES))
-        self.binary = torch.tensor([k in self.BINARY for k in SIGN_NAMES], device=device)
+        binary = torch.tensor([k in self.BINARY for k in SIGN_NAMES])
         values = torch.from_numpy(signs)
-        mean, std = values.mean(0), values.std(0).clamp_min(1e-6)
-        self.register_buffer("mean", torch.where(self.binary.cpu(), 0.0, mean))
-        self.register_buffer("std", torch.where(self.binary.cpu(), 1.0, std))
+        self.register_buffer("binary", binary, persistent=False)
+        self.register_buffer("mean", torch.where(binary, 0.0, values.mean(0)))
+        self.register_buffer("std", torch.where(binary, 1.0, values.std(0).clamp_min(1e-6)))
         self.to(device)
         self.features: torch.Tensor | None = None
         model.head.register_forward_hook(self._capture)
@@ -265,7 +265,7 @@ THRESHOLD_RULES = {
 }
 """How `m2a-train` picks the decision threshold on `val`. Accuracy by default: Youden's J weighs a missed
 metastasis as much as a false alarm whatever the prevalence, which cost up to 7.5 points of accuracy on
-a fresh cohort (issue 14). The shipped weights were trained before and record Youden's J."""
+a fresh cohort (issue 14)."""
 
 
 class Checkpoint:
