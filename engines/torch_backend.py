@@ -195,6 +195,14 @@ def memory_format(device_type: str, precision: str, channels_last: bool | None =
     return torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
+def folds_batchnorm(cuda_graphs: bool, precision: str, fold_bn: bool | None = None) -> bool:
+    """BatchNorm folded into the convolutions where CUDA graphs replay an eager half-precision network, unless
+    `fold_bn` says: there cuDNN's NDHWC half-precision BatchNorm kernel is the largest item left (21% of
+    eager FP16's kernel time at batch 32 on an H200), and folding it took a single node from 1.48 to 0.92 ms
+    (docs/gpu.md). Elsewhere it did not pay: PyTorch adds the folded bias in a kernel of its own."""
+    return cuda_graphs and precision in _AUTOCAST if fold_bn is None else fold_bn
+
+
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """`x` (B, C, D, H, W) with NDHWC strides. A one-channel NCDHW tensor is already in that memory order and
     is only re-strided: `contiguous(memory_format=...)` would leave its strides alone, and PyTorch's
@@ -282,10 +290,8 @@ class TorchBackend(Backend):
     On CUDA: `precision` fp32 | tf32 | fp16 | bf16 (module doc); `channels_last` (default on for fp16 and
     bf16) puts weights and inputs in NDHWC; `cuda_graphs` replays one captured CUDA graph per batch size
     (default on for torch-compile); `cudnn_benchmark` lets cuDNN time its algorithms once per shape;
-    `fold_bn` folds each BatchNorm into its convolution. Off by default: on an H200 it changed nothing at
-    batch 256 (PyTorch adds the folded bias in a kernel of its own), while at batch 1 cuDNN's NDHWC
-    half-precision BatchNorm took 0.59 of the 1.16 ms of kernel time, which a CUDA graph cannot hide:
-    ci/gpu-check measures `torch:cuda:fp16@cuda_graphs=true,fold_bn=true` to decide the default.
+    `fold_bn` folds each BatchNorm into its convolution (default: `folds_batchnorm`, on with CUDA graphs in
+    fp16 and bf16).
     torch-compile compiles with inductor's `mode`, `freezing` and torch.compile's `dynamic` (None: batch 1,
     then one graph for every other batch size), cached in `inductor_cache_dir(cache_dir)`.
     """
@@ -307,7 +313,7 @@ class TorchBackend(Backend):
         freezing: bool = True,
         dynamic: bool | None = None,
         cache_dir: str | None = None,
-        fold_bn: bool = False,
+        fold_bn: bool | None = None,
     ) -> None:
         """`tensorrt_batch=(min, opt, max)` compiles with torch-tensorrt's dynamo path instead."""
         if precision not in TORCH_PRECISIONS:
@@ -334,7 +340,7 @@ class TorchBackend(Backend):
             channels_last = False  # torch-tensorrt picks the engine's layouts itself
         self.memory_format = memory_format(self.torch_device.type, precision, channels_last)
         model = create_model(model_name, pretrained=weights is None, heads=heads, weights=weights)
-        if fold_bn:
+        if folds_batchnorm(cuda_graphs, precision, fold_bn):
             model = fold_batchnorm(model)
         self.model = model.to(self.torch_device, memory_format=self.memory_format)
         self.forward: Callable[..., Any] = self.model

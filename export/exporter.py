@@ -33,7 +33,7 @@ from m2anet.engines.ort_backend import OrtBackend
 from m2anet.engines.torch_backend import TorchBackend
 from m2anet.engines.trt_backend import TensorRTBackend
 from m2anet.export.fp16 import convert_fp16
-from m2anet.export.int8 import Calibration, quantize_int8
+from m2anet.export.int8 import DEFAULT_CALIB_METHOD, Calibration, quantize_int8
 from m2anet.export.onnx_export import ExportError, export_fp32, io_signature, max_abs_diff
 from m2anet.export.tensorrt_build import build_engine
 from m2anet.io import sha256_file
@@ -67,7 +67,7 @@ class ExportOptions:
     threshold: float | None = None
     parity_nodes: int = 192
     threads: int | None = None
-    calib_method: str = "max"
+    calib_method: str = DEFAULT_CALIB_METHOD
     calib_size: int = 128
     int8_target: str = "tensorrt"
     int8_exclude: list[str] = field(default_factory=list)

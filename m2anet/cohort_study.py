@@ -59,7 +59,7 @@ HEAVY_LOGIT_SD = 1.0
 
 SIGN_MEASUREMENTS: dict[str, tuple[str, ...]] = {
     "short_axis_mm": ("contour_short_axis_mm", "contour_equivalent_diameter_mm"),
-    "roundness": ("contour_moment_roundness",),
+    "roundness": ("contour_moment_roundness", "contour_axial_roundness"),
     "necrosis": ("core_rim_drop_hu", "interior_mean_hu", "low_attenuation_fraction"),
     "heterogeneity": ("interior_sd_hu", "interior_smooth_sd_hu", "texture_excess_hu"),
     "irregularity": ("contour_solidity", "contour_sphericity", "image_solidity"),
@@ -74,6 +74,7 @@ FEATURES: tuple[str, ...] = (
     "contour_short_axis_mm",
     "contour_equivalent_diameter_mm",
     "contour_moment_roundness",
+    "contour_axial_roundness",
     "contour_solidity",
     "contour_sphericity",
     "image_solidity",
@@ -184,6 +185,8 @@ def node_features(ct: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     points = np.argwhere(m) * _SPACING
     cov = np.cov(points.T) if len(points) > 1 else np.zeros((3, 3))
     eig = np.linalg.eigvalsh(cov + np.diag(_SPACING**2 / 12.0))  # a voxel's own extent
+    in_plane = np.cov(points[:, 1:].T) if len(points) > 1 else np.zeros((2, 2))
+    axial = np.linalg.eigvalsh(in_plane + np.diag(_SPACING[1:] ** 2 / 12.0))  # as read on axial slices
     faces = [np.abs(np.diff(np.pad(m, 1).astype(np.int8), axis=a)).sum() for a in range(3)]
     area = sum(f * np.prod(np.delete(_SPACING, a)) for a, f in enumerate(faces))
 
@@ -211,6 +214,7 @@ def node_features(ct: np.ndarray, mask: np.ndarray) -> dict[str, float]:
         "contour_short_axis_mm": short_axis_mm(m),
         "contour_equivalent_diameter_mm": float((6.0 * volume / math.pi) ** (1 / 3)),
         "contour_moment_roundness": float(math.sqrt(eig[0] / eig[-1])),
+        "contour_axial_roundness": float(math.sqrt(axial[0] / axial[-1])),
         "contour_solidity": _solidity(_corners(m), volume),
         "contour_sphericity": float(math.pi ** (1 / 3) * (6.0 * volume) ** (2 / 3) / area),
         "image_solidity": _solidity(_corners(seen), float(seen.sum()) * voxel_mm3),

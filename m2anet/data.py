@@ -32,10 +32,19 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from m2anet.model import HU_WINDOW, PATCH_SHAPE, PATCH_SPACING_MM
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
+
+# How strongly the signs are rendered (version 3: each sign a reader can measure at r >= 0.75 where nothing
+# else covers it; docs/cohort.md has the table)
+HETEROGENEITY_SPLIT_HU = 30.0  # x heterogeneity: the hypo-enhancing side's drop (tanh across the node)
+HETEROGENEITY_MOTTLE_HU = 100.0  # x heterogeneity: SD of the mottled texture
+NECROSIS_RIM_HU = 40.0  # the enhancing rim around a necrotic core of -5..15 HU
+HILUM_RADIUS = 0.9  # of the short semi-axis: the fatty hilum's radius
+LOBULATION, LOBES = 0.3, 6.0  # x irregularity: the margin's lobes (radius fraction) and their frequency
 
 SPLITS: dict[str, tuple[int, int]] = {
     # name: (seed, nodes); test has the paper's 577 nodes
@@ -144,10 +153,13 @@ def _grid(shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[np.ndarray
     return np.meshgrid(*axes, indexing="ij", sparse=True)
 
 
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q *= np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
+def _axial_rotation(rng: np.random.Generator) -> np.ndarray:
+    """Columns: the world (z, y, x) directions of the node's long, craniocaudal and short axes. The long
+    and short axes lie in the axial plane at a random angle, tilted a little, because roundness and the
+    short axis are read on axial slices."""
+    a = rng.uniform(0.0, np.pi)
+    axes = np.array([[0.0, np.cos(a), np.sin(a)], [1.0, 0.0, 0.0], [0.0, np.sin(a), -np.cos(a)]]).T
+    return Rotation.from_rotvec(rng.normal(scale=0.1, size=3)).as_matrix() @ axes
 
 
 def _soft(signed_distance: np.ndarray, width: float = 0.6) -> np.ndarray:
@@ -169,11 +181,11 @@ def _node_shape(rng: np.random.Generator, s: NodeSigns, center: np.ndarray) -> N
     mid = short + rng.uniform(0.2, 0.8) * (long - short)
     dirs = rng.normal(size=(6, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    amps = rng.uniform(0.5, 1.0, size=(6, 1)) * (0.02 + 0.45 * s.irregularity)
+    amps = rng.uniform(0.5, 1.0, size=(6, 1)) * (0.02 + LOBULATION * s.irregularity)
     return NodeShape(
         center=center,
         semi_axes=np.array([long, mid, short]),
-        rotation=_random_rotation(rng),
+        rotation=_axial_rotation(rng),
         harmonics=np.concatenate([dirs, amps], axis=1),
     )
 
@@ -186,7 +198,7 @@ def _node_distance(shape: NodeShape, zz, yy, xx) -> tuple[np.ndarray, np.ndarray
     unit = local / (rho * shape.semi_axes.reshape(3, 1, 1, 1) + 1e-6)
     unit /= np.linalg.norm(unit, axis=0, keepdims=True) + 1e-6
     bump = sum(
-        h[3] * np.cos(3.0 * np.tensordot(h[:3], unit, axes=1) + i) for i, h in enumerate(shape.harmonics)
+        h[3] * np.cos(LOBES * np.tensordot(h[:3], unit, axes=1) + i) for i, h in enumerate(shape.harmonics)
     )
     r_eff = 1.0 + bump
     return (rho - r_eff) * shape.semi_axes.min(), rho / r_eff
@@ -199,22 +211,23 @@ def _render_node(
     dist, rho = _node_distance(shape, *grid)
     occ = _soft(dist)
     # heterogeneous enhancement: a hypo-enhancing part of the node (a soft split along a random
-    # direction) plus patchy texture, both scaled by the sign, so even a small node shows it
+    # direction) plus mottled texture coarser than the scanner's noise, both scaled by the sign
     split_dir = rng.normal(size=3)
     split_dir /= np.linalg.norm(split_dir)
     along = sum(split_dir[i] * (grid[i] - shape.center[i]) for i in range(3)) / shape.semi_axes.min()
     patches = ndimage.gaussian_filter(rng.normal(size=hu.shape), (0.5, 1.3, 1.3))
-    tissue = rng.uniform(40.0, 60.0) + s.heterogeneity * 80.0 * (
-        np.tanh(3.0 * along) + 0.5 * patches / patches.std()
+    tissue = rng.uniform(40.0, 60.0) + s.heterogeneity * (
+        HETEROGENEITY_SPLIT_HU * np.tanh(3.0 * along) + HETEROGENEITY_MOTTLE_HU * patches / patches.std()
     )
-    if s.necrosis > 0:
-        tissue = tissue - rng.uniform(50.0, 80.0) * _soft((rho - s.necrosis) * 4.0, 0.5)
+    if s.necrosis > 0:  # a near-water core inside an enhancing rim
+        core = _soft((rho - s.necrosis) * 4.0, 0.5)
+        tissue = tissue + NECROSIS_RIM_HU * (1.0 - core) + (rng.uniform(-5.0, 15.0) - tissue) * core
     if s.fatty_hilum:
         hilum_dir = rng.normal(size=3)
         hilum_dir /= np.linalg.norm(hilum_dir)
         hc = shape.center + hilum_dir * shape.semi_axes.min() * 0.55
         hd = np.sqrt((grid[0] - hc[0]) ** 2 + (grid[1] - hc[1]) ** 2 + (grid[2] - hc[2]) ** 2)
-        tissue = tissue + (-90.0 - tissue) * _soft(hd - shape.semi_axes.min() * 0.75) * occ
+        tissue = tissue + (-90.0 - tissue) * _soft(hd - shape.semi_axes.min() * HILUM_RADIUS) * occ
     if s.calcified:
         cc = shape.center + rng.normal(size=3) * shape.semi_axes.min() * 0.3
         cd = np.sqrt((grid[0] - cc[0]) ** 2 + (grid[1] - cc[1]) ** 2 + (grid[2] - cc[2]) ** 2)

@@ -161,12 +161,15 @@ def _flip(gen: torch.Generator, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 @torch.no_grad()
 def _standardise_descriptors(model: M2ANet, cohort: Cohort, batch: int = 256) -> None:
-    """Set the geometry and intensity features' mean and std from the training split (no gradient)."""
+    """Set the geometry and intensity features' mean and std from the training split (no gradient), on the
+    model's device in IEEE FP32: tens of thousands of GPU-training nodes would take minutes on the CPU."""
     geometry, intensity = [], []
-    for i in range(0, len(cohort), batch):
-        ct, mask = (torch.from_numpy(a[i : i + batch]) for a in (cohort.ct, cohort.mask))
-        geometry.append(model.geometry(model.sme(mask)))
-        intensity.append(model.intensity(ct, mask))
+    dev = next(model.parameters()).device
+    with cuda_math(tf32=False) if dev.type == "cuda" else contextlib.nullcontext():
+        for i in range(0, len(cohort), batch):
+            ct, mask = (torch.from_numpy(a[i : i + batch]).to(dev) for a in (cohort.ct, cohort.mask))
+            geometry.append(model.geometry(model.sme(mask)))
+            intensity.append(model.intensity(ct, mask))
     for name, values in (("geometry", torch.cat(geometry)), ("intensity", torch.cat(intensity))):
         getattr(model, f"{name}_mean").copy_(values.mean(0))
         getattr(model, f"{name}_std").copy_(values.std(0).clamp_min(1e-6))
@@ -350,10 +353,9 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     train_set, val_set = load_split("train", n=n_train), load_split("val")
-    model = create_model(name, weights=str(init) if init else None)
+    model = dev.prepare(create_model(name, weights=str(init) if init else None))
     if init is None:
         _standardise_descriptors(model, train_set)
-    model = dev.prepare(model)
     steps_per_epoch = math.ceil(len(train_set) / batch)
     total = epochs * steps_per_epoch
     step = TrainSteps(model, train_set, dev, lr, total)
@@ -469,9 +471,9 @@ def train_throughput(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cohort = load_split("train", n=n_train)
-    model = create_model(name)
+    model = dev.prepare(create_model(name))
     _standardise_descriptors(model, cohort)
-    model = dev.prepare(model).train()
+    model.train()
     step = TrainSteps(model, cohort, dev, float(TRAIN_DEFAULTS[dev.device.type]["lr"]), warmup + steps)
     batches = [np.sort(torch.randperm(n_train, generator=gen).numpy()[:batch]) for _ in range(warmup + steps)]
     for idx in batches[:warmup]:

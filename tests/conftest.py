@@ -29,7 +29,7 @@ def small(tmp_path_factory):
     """One `m2a-export --precision all` of the small model, shared by the export and verify tests."""
     out = tmp_path_factory.mktemp("artifacts")
     args = ["--model", "m2anet_small", "--precision", "all", "--out", str(out), "--quiet"]
-    assert cli.main([*args, "--parity-nodes", "24", "--calib-size", "32"]) == 0
+    assert cli.main([*args, "--parity-nodes", "24", "--calib-size", "64"]) == 0
     return out / "m2anet_small"
 
 
@@ -40,7 +40,7 @@ def refused_int8(small, tmp_path_factory):
     Calibrated on 8 nodes (entropy), beside a copy of the shared FP32 graph. Returns m2a-export's
     exit code and stderr when it refuses the graph, its exit code with --allow-parity-fail, and
     the folder then kept: the export test checks the refusal, the --diagnose test re-quantizes
-    this graph, on 8 calibration nodes per trial instead of the shared export's 32.
+    this graph, on 8 calibration nodes per trial instead of the shared export's 64.
     """
     out = tmp_path_factory.mktemp("refused")
     folder = out / "m2anet_small"

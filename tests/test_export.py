@@ -69,7 +69,7 @@ def test_int8_graph_has_symmetric_qdq_for_tensorrt(small):
     zero_points = [init[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
     entry = artifact_entry(path)
-    assert entry["calibration"]["nodes"] == 32 and len(entry["calibration"]["sha256"]) == 64
+    assert entry["calibration"]["nodes"] == 64 and len(entry["calibration"]["sha256"]) == 64
 
 
 def test_manifest_describes_and_verifies_every_artifact(small):
@@ -94,7 +94,7 @@ def test_every_artifact_runs_through_open_backend(small, test_split, precision):
 
 def test_rerun_reuses_valid_artifacts(small, capsys):
     args = ["--model", "m2anet_small", "--precision", "all", "--out", str(small.parent), "--json"]
-    assert cli.main([*args, "--parity-nodes", "24", "--calib-size", "32"]) == 0
+    assert cli.main([*args, "--parity-nodes", "24", "--calib-size", "64"]) == 0
     stages = json.loads(capsys.readouterr().out)["stages"]
     assert sum("reused" in s["result"] for s in stages) == 3
 
@@ -244,7 +244,7 @@ def _rerun(folder, *extra):
         "--parity-nodes",
         "24",
         "--calib-size",
-        "32",
+        "64",
     ]
     return cli.main([*args, "--json", *extra])
 

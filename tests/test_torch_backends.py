@@ -29,6 +29,7 @@ from m2anet.engines.torch_backend import (
     TorchBackend,
     cast_weights_once,
     channels_last,
+    folds_batchnorm,
     inductor_cache_dir,
     math_flags,
     memory_format,
@@ -171,6 +172,24 @@ def test_tf32_scope_holds_inside_and_restores_every_host_setting():
 )
 def test_default_memory_format_per_precision(device, precision, option, expected):
     assert memory_format(device, precision, option) == expected
+
+
+@pytest.mark.parametrize(
+    ("cuda_graphs", "precision", "option", "expected"),
+    [
+        (True, "fp16", None, True),
+        (True, "bf16", None, True),
+        (True, "fp32", None, False),
+        (True, "tf32", None, False),
+        (False, "fp16", None, False),
+        (True, "fp16", False, False),
+        (False, "fp32", True, True),
+    ],
+)
+def test_batchnorm_is_folded_by_default_under_cuda_graphs_in_half_precision(
+    cuda_graphs, precision, option, expected
+):
+    assert folds_batchnorm(cuda_graphs, precision, option) is expected
 
 
 def test_channels_last_inputs_are_restrided_not_copied_and_run_on_the_cpu():

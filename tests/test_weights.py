@@ -131,13 +131,20 @@ def test_shipped_weights_beat_the_size_rule(shipped):
     assert test["accuracy"] > rule["accuracy"] and test["auc"] > rule["auc"]
 
 
-def test_shipped_weights_beat_the_size_rule_on_a_fresh_cohort(shipped):
-    """On 600 nodes of a seed no training run saw, at the shipped threshold, on accuracy and AUC. Issue
-    14's goals (accuracy 0.77-0.80, AUC 0.83-0.86, better than the radiomics reader of the cohort study
-    and the true-diameter rule) are not met yet: README and docs/cohort.md."""
-    _name, record, _ = shipped
+REACHED = {"accuracy": 0.77, "auc": 0.83}
+"""Issue 14's goals for m2anet_small, which both shipped configs reach on the fresh cohort. Not reached yet:
+m2anet_base's own (accuracy 0.80, AUC 0.86), and beating the radiomics reader of the cohort study on AUC
+(README and docs/cohort.md)."""
+
+
+def test_shipped_weights_on_a_fresh_cohort(shipped):
+    """On 600 nodes of a seed no training run saw, at the shipped threshold: the small config's goals, and
+    better than the 10 mm rule on the contour the model sees and on the generator's true diameter."""
+    name, record, _ = shipped
     fresh = _metrics(record["fresh"], record["threshold"])
-    contour = record["fresh"]["size_rule"]["contour"]
-    assert fresh["accuracy"] > contour["accuracy"] and fresh["auc"] > contour["auc"], contour
+    assert fresh["accuracy"] >= REACHED["accuracy"] and fresh["auc"] >= REACHED["auc"], (name, fresh)
+    for rule in ("contour", "oracle"):
+        size = record["fresh"]["size_rule"][rule]
+        assert fresh["accuracy"] > size["accuracy"] and fresh["auc"] > size["auc"], (name, rule, size)
     study = json.loads(STUDY.read_text(encoding="utf-8"))
     assert study["generator_version"] == GENERATOR_VERSION  # the readers the README compares with

@@ -18,7 +18,7 @@ from m2anet.best import benchmark_and_select
 from m2anet.cli.args import int_at_least, interruptible, make_parser, output_dir, positive_int, probability
 from m2anet.cli.bench import print_run, print_selection
 from m2anet.export.exporter import ExportOptions, export_artifacts
-from m2anet.export.int8 import CALIB_METHODS
+from m2anet.export.int8 import CALIB_METHODS, DEFAULT_CALIB_METHOD
 from m2anet.export.onnx_export import ExportError
 from m2anet.manifest import PRECISIONS, ArtifactError
 from m2anet.model import list_models
@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
         "the public key in M2ANET_TRUSTED_KEY",
     )
     g = ap.add_argument_group("int8")
-    g.add_argument("--calib-method", default="max", choices=list(CALIB_METHODS))
+    g.add_argument("--calib-method", default=DEFAULT_CALIB_METHOD, choices=list(CALIB_METHODS))
     g.add_argument(
         "--calib-size", type=positive_int, default=128, help="calibration nodes from the calib split"
     )
