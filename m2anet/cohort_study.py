@@ -185,8 +185,7 @@ def node_features(ct: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     points = np.argwhere(m) * _SPACING
     cov = np.cov(points.T) if len(points) > 1 else np.zeros((3, 3))
     eig = np.linalg.eigvalsh(cov + np.diag(_SPACING**2 / 12.0))  # a voxel's own extent
-    in_plane = np.cov(points[:, 1:].T) if len(points) > 1 else np.zeros((2, 2))
-    axial = np.linalg.eigvalsh(in_plane + np.diag(_SPACING[1:] ** 2 / 12.0))  # as read on axial slices
+    axial = np.linalg.eigvalsh(cov[1:, 1:] + np.diag(_SPACING[1:] ** 2 / 12.0))  # as read on axial slices
     faces = [np.abs(np.diff(np.pad(m, 1).astype(np.int8), axis=a)).sum() for a in range(3)]
     area = sum(f * np.prod(np.delete(_SPACING, a)) for a, f in enumerate(faces))
 

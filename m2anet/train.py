@@ -81,6 +81,11 @@ class TrainDevice:
         }
 
 
+def _ieee_fp32(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """TF32 off on CUDA, for what must match the CPU: evaluation and the descriptors' statistics."""
+    return cuda_math(tf32=False) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def predict(model: M2ANet, cohort: Cohort, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Metastasis probabilities and thresholded node masks (bool) for a whole cohort, on the model's
@@ -88,7 +93,7 @@ def predict(model: M2ANet, cohort: Cohort, batch: int = 16) -> tuple[np.ndarray,
     model.eval()
     dev = next(model.parameters()).device
     probs, masks = [], []
-    with cuda_math(tf32=False) if dev.type == "cuda" else contextlib.nullcontext():
+    with _ieee_fp32(dev):
         for i in range(0, len(cohort), batch):
             out = [
                 o.cpu()
@@ -165,7 +170,7 @@ def _standardise_descriptors(model: M2ANet, cohort: Cohort, batch: int = 256) ->
     model's device in IEEE FP32: tens of thousands of GPU-training nodes would take minutes on the CPU."""
     geometry, intensity = [], []
     dev = next(model.parameters()).device
-    with cuda_math(tf32=False) if dev.type == "cuda" else contextlib.nullcontext():
+    with _ieee_fp32(dev):
         for i in range(0, len(cohort), batch):
             ct, mask = (torch.from_numpy(a[i : i + batch]).to(dev) for a in (cohort.ct, cohort.mask))
             geometry.append(model.geometry(model.sme(mask)))
