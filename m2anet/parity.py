@@ -21,10 +21,11 @@ the reference's quality, tightened to what each precision can reach on this mode
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from m2anet.data import Cohort
+from m2anet.data import Cohort, hu_to_input
 from m2anet.metrics import binary_metrics, dice, roc_auc, sigmoid
 
 
@@ -176,4 +177,77 @@ def compare(
     if tier.min_mask_dice is not None and "mask_dice" in report:
         need(report["mask_dice"] >= tier.min_mask_dice, f"mask Dice vs reference < {tier.min_mask_dice}")
     report.update({"tier": tier.name, "passed": not failures, "failures": failures})
+    return report
+
+
+STRESS_PROB_ABS = 0.05
+"""On inputs outside the data distribution only gross disagreement (overflow, saturation) fails."""
+
+
+class Infers(Protocol):
+    def infer(self, ct: np.ndarray, mask: np.ndarray, *, check: bool = True) -> tuple[np.ndarray, ...]: ...
+
+
+def stress_inputs(
+    cohort: Cohort, batch: int | None, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Inputs no split contains, where FP16 overflow or INT8 saturation would show: random masks on
+    the cohort's first 8 nodes, and one patch of each constant or patterned CT under a node-sized
+    mask; with `batch`, also the cohort tiled to that batch (an engine's largest profile batch may
+    take other kernels)."""
+    rng = np.random.default_rng(seed)
+    n = min(8, len(cohort))
+    ct, mask = cohort.ct[:n], cohort.mask[:n]
+    blob = np.zeros_like(mask[:1])
+    blob[:, :, 6:10, 28:36, 28:36] = 1.0
+    random_masks = (rng.random(mask.shape) < 0.02).astype(np.float32)
+    random_masks[:, :, 8, 32, 32] = 1.0
+    shape = blob.shape
+    cases = {
+        "random masks": (ct, random_masks),
+        "all-background patch": (np.full(shape, hu_to_input(np.float32(-100.0)), np.float32), blob),
+        "extreme HU (all >= 275)": (np.ones(shape, np.float32), blob),
+        "extreme HU (all <= -175)": (np.zeros(shape, np.float32), blob),
+        "extreme HU (checkerboard)": (
+            (np.indices(shape[2:]).sum(0) % 2).astype(np.float32)[None, None],
+            blob,
+        ),
+    }
+    if batch is not None:
+        reps = -(-batch // len(cohort))
+        cases[f"largest batch ({batch})"] = (
+            np.tile(cohort.ct, (reps, 1, 1, 1, 1))[:batch],
+            np.tile(cohort.mask, (reps, 1, 1, 1, 1))[:batch],
+        )
+    return cases
+
+
+def stress_outputs(
+    backend: Infers, inputs: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, tuple[np.ndarray, ...]]:
+    return {name: backend.infer(ct, mask, check=False) for name, (ct, mask) in inputs.items()}
+
+
+def judge_stress(report: dict, reference: dict[str, tuple], candidate: dict[str, tuple]) -> dict:
+    """Add the stress rows to a `compare` report: a case that disagrees by more than STRESS_PROB_ABS
+    or is not finite fails the report whatever its tier says."""
+    rows = []
+    for name, ref in reference.items():
+        cand = candidate[name]
+        finite = all(np.isfinite(c).all() for c in cand)
+        err = float(np.abs(sigmoid(ref[0]) - sigmoid(cand[0])).max()) if finite else float("inf")
+        rows.append(
+            {
+                "case": name,
+                "nodes": len(ref[0]),
+                "finite": finite,
+                "prob_max_abs": err,
+                "passed": finite and err <= STRESS_PROB_ABS,
+            }
+        )
+    report["stress"] = rows
+    bad = [r["case"] for r in rows if not r["passed"]]
+    if bad:
+        report["failures"].append(f"stress inputs disagree or overflow: {', '.join(bad)}")
+        report["passed"] = False
     return report

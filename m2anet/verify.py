@@ -17,20 +17,17 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from m2anet.data import Cohort, hu_to_input, load_split
+from m2anet.data import load_split
 from m2anet.engines import Backend, BackendSpec, open_backend, run_cohort
 from m2anet.export.diagnose import diagnose_int8
 from m2anet.io import atomic_path, write_json
 from m2anet.manifest import artifact_entry, read_manifest, verified_weights
 from m2anet.metrics import sigmoid
-from m2anet.parity import TIERS, compare
+from m2anet.parity import TIERS, compare, judge_stress, stress_inputs, stress_outputs
 from m2anet.weights import training_record
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-
-STRESS_PROB_ABS = 0.05
-"""On inputs outside the data distribution only gross disagreement (overflow, saturation) fails."""
 
 
 @dataclass
@@ -90,50 +87,6 @@ def served_context(backend: Backend) -> dict[str, Any]:
     return ctx
 
 
-def stress_inputs(cohort: Cohort, batch: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    n = min(8, len(cohort))
-    ct, mask = cohort.ct[:n], cohort.mask[:n]
-    blob = np.zeros_like(mask)
-    blob[:, :, 6:10, 28:36, 28:36] = 1.0
-    random_masks = (rng.random(mask.shape) < 0.02).astype(np.float32)
-    random_masks[:, :, 8, 32, 32] = 1.0
-    reps = -(-batch // len(cohort))
-    return {
-        "random masks": (ct, random_masks),
-        "all-background patch": (np.full_like(ct, hu_to_input(np.float32(-100.0))), blob),
-        "extreme HU (all >= 275)": (np.ones_like(ct), blob),
-        "extreme HU (all <= -175)": (np.zeros_like(ct), blob),
-        "extreme HU (checkerboard)": (
-            (np.indices(ct.shape[2:]).sum(0) % 2).astype(np.float32)[None, None].repeat(n, 0),
-            blob,
-        ),
-        f"largest batch ({batch})": (
-            np.tile(cohort.ct, (reps, 1, 1, 1, 1))[:batch],
-            np.tile(cohort.mask, (reps, 1, 1, 1, 1))[:batch],
-        ),
-    }
-
-
-def stress(reference: Backend, candidate: Backend, cohort: Cohort, batch: int) -> list[dict]:
-    rows = []
-    for name, (ct, mask) in stress_inputs(cohort, batch).items():
-        ref = reference.infer(ct, mask, check=False)
-        cand = candidate.infer(ct, mask, check=False)
-        finite = all(np.isfinite(c).all() for c in cand)
-        err = float(np.abs(sigmoid(ref[0]) - sigmoid(cand[0])).max()) if finite else float("inf")
-        rows.append(
-            {
-                "case": name,
-                "nodes": len(ct),
-                "finite": finite,
-                "prob_max_abs": err,
-                "passed": finite and err <= STRESS_PROB_ABS,
-            }
-        )
-    return rows
-
-
 def verify(options: VerifyOptions) -> Verification:
     """Run reference and candidate on the same nodes and judge the candidate by its precision's tier;
     with `diagnose`, a failing INT8 graph also gets the layers to keep in FP32."""
@@ -161,12 +114,8 @@ def verify(options: VerifyOptions) -> Verification:
         cand_out = run_cohort(cand, cohort, desc=f"candidate {cand.name}")
         report = compare(ref_out, cand_out, cohort, float(threshold), TIERS[tier_name], seed=options.seed)
         if options.stress:
-            batch = options.stress_batch or ctx.get("max_batch", 32)
-            report["stress"] = stress(reference, cand, cohort, batch)
-            bad = [r["case"] for r in report["stress"] if not r["passed"]]
-            if bad:
-                report["failures"].append(f"stress inputs disagree or overflow: {', '.join(bad)}")
-                report["passed"] = False
+            inputs = stress_inputs(cohort, options.stress_batch or ctx.get("max_batch", 32))
+            judge_stress(report, stress_outputs(reference, inputs), stress_outputs(cand, inputs))
     report.update(
         {
             "candidate_spec": options.backend,

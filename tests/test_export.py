@@ -10,9 +10,10 @@ import pytest
 from m2anet import create_model
 from m2anet.cli import export as cli
 from m2anet.engines import InputError, open_backend
+from m2anet.export.int8 import CALIB_SEARCH, DEFAULT_CALIB_SIZE, calibration_search
 from m2anet.export.onnx_export import export_fp32, max_abs_diff
 from m2anet.io import atomic_path, sha256_file
-from m2anet.manifest import ArtifactError, artifact_entry, read_manifest
+from m2anet.manifest import ArtifactError, artifact_entry, read_manifest, write_manifest
 from m2anet.parity import FP32_LOGIT_TOLERANCE as FP32_TOLERANCE
 
 
@@ -160,6 +161,53 @@ def test_int8_that_fails_its_tier_is_not_shipped_silently(refused_int8):
     assert "failed its parity tier" in refused_int8["stderr"]
     assert refused_int8["kept"] == 0
     assert not read_manifest(refused_int8["folder"])["artifacts"]["model.int8.onnx"]["parity"]["passed"]
+
+
+def test_calibration_search_tries_what_was_asked():
+    assert calibration_search("auto", None) == list(CALIB_SEARCH)
+    assert calibration_search("auto", 32) == [("percentile", 32), ("max", 32)]
+    assert calibration_search("max", None) == [("max", DEFAULT_CALIB_SIZE)]
+    assert calibration_search("entropy", 16) == [("entropy", 16)]
+
+
+def test_int8_search_keeps_the_calibration_closest_to_passing(refused_int8):
+    """No calibration passes this tier: each method was tried at the asked size, every try is in the
+    manifest, and the graph kept is the one with the fewest failures."""
+    calibration = read_manifest(refused_int8["folder"])["artifacts"]["model.int8.onnx"]["calibration"]
+    trials = calibration["trials"]
+    assert [(t["method"], t["nodes"]) for t in trials] == [("percentile", 8), ("max", 8)]
+    assert not any(t["passed"] for t in trials) and all(t["failures"] for t in trials)
+    best = min(trials, key=lambda t: (len(t["failures"]), t["label_flips"], t["stress_prob_max_abs"]))
+    assert (calibration["method"], calibration["nodes"]) == (best["method"], best["nodes"])
+
+
+def test_parity_runs_m2a_verify_stress_inputs(small):
+    """The export's check is m2a-verify's: every graph passed the stress inputs too, and INT8 says
+    which calibrations it tried before the one it kept."""
+    artifacts = read_manifest(small)["artifacts"]
+    for name, entry in artifacts.items():
+        cases = {row["case"]: row for row in entry["parity"]["stress"]}
+        assert {"random masks", "all-background patch", "extreme HU (checkerboard)"} <= set(cases), name
+        assert all(row["finite"] and row["passed"] for row in cases.values()), name
+    calibration = artifacts["model.int8.onnx"]["calibration"]
+    assert calibration["trials"][-1]["passed"] and not any(t["passed"] for t in calibration["trials"][:-1])
+    assert (calibration["method"], calibration["nodes"]) == (
+        calibration["trials"][-1]["method"],
+        calibration["trials"][-1]["nodes"],
+    )
+
+
+def test_parity_recorded_without_stress_inputs_is_checked_again(small, tmp_path, capsys):
+    """A folder exported before the export ran the stress inputs keeps its graphs; their check runs."""
+    folder = tmp_path / "m2anet_small"
+    shutil.copytree(small, folder)
+    manifest = read_manifest(folder)
+    del manifest["artifacts"]["model.fp32.onnx"]["parity"]["stress"]
+    write_manifest(folder, manifest)
+    assert _rerun(folder, "--precision", "fp32") == 0
+    stages = [s["result"] for s in json.loads(capsys.readouterr().out)["stages"]]
+    assert "model.fp32.onnx reused (hash and recipe match); its parity check is run again" in stages
+    assert read_manifest(folder)["artifacts"]["model.fp32.onnx"]["parity"]["stress"]
 
 
 def test_int8_cpu_runner_is_exact_on_every_x64_cpu(small):

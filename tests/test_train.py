@@ -6,8 +6,8 @@ import torch
 from m2anet import train as training
 from m2anet.data import FRESH_SEED, load_split
 
-OPTIONS = {"epochs": 2, "n_train": 16, "batch": 8, "threshold_rule": "accuracy"}
-"""Two steps an epoch; the first 16 training nodes hold both classes."""
+OPTIONS = {"epochs": 2, "n_train": 8, "batch": 4, "threshold_rule": "accuracy"}
+"""Two steps an epoch; the first 8 training nodes hold both classes."""
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from m2anet.parity import TIERS, Tier, bootstrap_auc_difference
 
 def _run(capsys, *args):
     """24 test nodes, the ones the `small` export's parity check used; the largest-batch stress case
-    (9) stays larger than the other stress cases (8 patches each)."""
+    (9) stays larger than the random-mask case (8 patches)."""
     code = verify.main([*args, "--n", "24", "--stress-batch", "9"])
     return code, capsys.readouterr()
 
@@ -79,15 +79,14 @@ def test_bad_spec_is_a_one_line_error(capsys):
     assert len(err) == 1 and err[0].startswith("m2a-verify: error:")
 
 
-def test_diagnose_finds_layers_to_keep_in_fp32(refused_int8, monkeypatch, capsys):
-    from m2anet.export.diagnose import layer_sensitivity
-
+def test_diagnose_finds_layers_to_keep_in_fp32(refused_int8, monkeypatch, capsys, tmp_path):
     folder = refused_int8["folder"]  # calibrated on 8 nodes: each re-quantization is cheap
-    ranked = layer_sensitivity(folder / "model.fp32.onnx", folder / "model.int8.onnx", nodes=8)
-    assert len(ranked) >= 20 and [s for _, s in ranked] == sorted(s for _, s in ranked)
     monkeypatch.setitem(TIERS, "int8", Tier("int8", met_logit_abs=1e-4))  # the int8 graph fails this
-    code = verify.main([f"ort:cpu:{folder / 'model.int8.onnx'}", "--n", "8", "--no-stress", "--diagnose"])
+    args = [f"ort:cpu:{folder / 'model.int8.onnx'}", "--n", "8", "--no-stress", "--diagnose"]
+    code = verify.main([*args, "--report", str(tmp_path)])
     out = capsys.readouterr().out
+    ranked = json.loads((tmp_path / "verify.json").read_text())["diagnosis"]["ranked"]
+    assert len(ranked) >= 20 and [s for _, s in ranked] == sorted(s for _, s in ranked)
     assert code == 1 and "--int8-exclude " in out
     assert out.strip().splitlines()[-1].split("--int8-exclude ")[1].split()[0] == ranked[0][0]
 

@@ -82,7 +82,7 @@ def test_classification_only_model_takes_the_two_head_checkpoint():
         torch.testing.assert_close(both(ct, mask)[0], cls(ct, mask)[0])
 
 
-PREFIX = {"test": 16, "fresh": 32}
+PREFIX = {"test": 8, "fresh": 16}
 """Nodes the shipped weights are run on, of the test split and of the fresh cohort: their probabilities
 must be the record's. The record's metrics are then checked on its own per-node probabilities and labels
 of the whole split and cohort (600 fresh nodes through m2anet_base take minutes on two cores)."""

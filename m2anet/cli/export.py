@@ -18,7 +18,7 @@ from m2anet.best import benchmark_and_select
 from m2anet.cli.args import int_at_least, interruptible, make_parser, output_dir, positive_int, probability
 from m2anet.cli.bench import print_run, print_selection
 from m2anet.export.exporter import ExportOptions, export_artifacts
-from m2anet.export.int8 import CALIB_METHODS, DEFAULT_CALIB_METHOD
+from m2anet.export.int8 import CALIB_METHODS, CALIB_SEARCH, DEFAULT_CALIB_SIZE
 from m2anet.export.onnx_export import ExportError
 from m2anet.manifest import PRECISIONS, ArtifactError
 from m2anet.model import list_models
@@ -62,9 +62,19 @@ def parser() -> argparse.ArgumentParser:
         "the public key in M2ANET_TRUSTED_KEY",
     )
     g = ap.add_argument_group("int8")
-    g.add_argument("--calib-method", default=DEFAULT_CALIB_METHOD, choices=list(CALIB_METHODS))
+    search = ", ".join(f"{m}/{n}" for m, n in CALIB_SEARCH)
     g.add_argument(
-        "--calib-size", type=positive_int, default=128, help="calibration nodes from the calib split"
+        "--calib-method",
+        default="auto",
+        choices=["auto", *CALIB_METHODS],
+        help=f"auto: try {search} (method/nodes) until the int8 tier and the stress inputs pass",
+    )
+    g.add_argument(
+        "--calib-size",
+        type=positive_int,
+        default=None,
+        help=f"calibration nodes from the calib split (default: {DEFAULT_CALIB_SIZE} for a named method; "
+        "with auto, each method at this size)",
     )
     g.add_argument("--int8-target", default="tensorrt", choices=["tensorrt", "cpu"])
     g.add_argument(
@@ -86,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    if args.calib_size < args.batch[0]:
+    if args.calib_size is not None and args.calib_size < args.batch[0]:
         parser().error(
             f"argument --calib-size: {args.calib_size} is below the profile's MIN batch {args.batch[0]}"
         )
@@ -117,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"manifest: {result.manifest}")
     if hard:
         print(
-            f"m2a-export: error: {', '.join(hard)} failed its parity tier; for int8 try --calib-method, "
-            "--calib-size, --int8-exclude (see m2a-verify --diagnose) or pass --allow-parity-fail",
+            f"m2a-export: error: {', '.join(hard)} failed its parity tier; for int8 (the calibrations "
+            "tried are in the manifest) try a larger --calib-size, --int8-exclude (see m2a-verify "
+            "--diagnose) or pass --allow-parity-fail",
             file=sys.stderr,
         )
         return 1
