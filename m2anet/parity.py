@@ -192,11 +192,11 @@ def stress_inputs(
     cohort: Cohort, batch: int | None, seed: int = 0
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Inputs no split contains, where FP16 overflow or INT8 saturation would show: random masks on
-    the cohort's first 8 nodes, and one patch of each constant or patterned CT under a node-sized
+    the cohort's first 4 nodes, and one patch of each constant or patterned CT under a node-sized
     mask; with `batch`, also the cohort tiled to that batch (an engine's largest profile batch may
     take other kernels)."""
     rng = np.random.default_rng(seed)
-    n = min(8, len(cohort))
+    n = min(4, len(cohort))
     ct, mask = cohort.ct[:n], cohort.mask[:n]
     blob = np.zeros_like(mask[:1])
     blob[:, :, 6:10, 28:36, 28:36] = 1.0

@@ -256,7 +256,7 @@ def test_export_killed_before_any_manifest_write_reruns_to_the_same_result(small
 
     def export(folder):
         args = ["--model", "m2anet_small", "--precision", "fp16", "--out", str(folder.parent), "--quiet"]
-        assert cli.main([*args, "--parity-nodes", "8"]) == 0
+        assert cli.main([*args, "--parity-nodes", "4"]) == 0
         assert not list(folder.glob(".partial-*"))
         artifacts = read_manifest(folder)["artifacts"]
         return {
