@@ -228,7 +228,7 @@ def stress_outputs(
     return {name: backend.infer(ct, mask, check=False) for name, (ct, mask) in inputs.items()}
 
 
-def judge_stress(report: dict, reference: dict[str, tuple], candidate: dict[str, tuple]) -> dict:
+def judge_stress(report: dict, reference: dict[str, tuple], candidate: dict[str, tuple]) -> None:
     """Add the stress rows to a `compare` report: a case that disagrees by more than STRESS_PROB_ABS
     or is not finite fails the report whatever its tier says."""
     rows = []
@@ -250,4 +250,3 @@ def judge_stress(report: dict, reference: dict[str, tuple], candidate: dict[str,
     if bad:
         report["failures"].append(f"stress inputs disagree or overflow: {', '.join(bad)}")
         report["passed"] = False
-    return report
