@@ -3,8 +3,8 @@
 Like Polygraphy's `debug precision`, but ranked instead of bisected: ONNX Runtime's QDQ debug
 tools measure, per quantized activation, the signal-to-quantization-noise ratio between the
 INT8 and the FP32 graph on calibration nodes; the consuming convolutions are then excluded
-worst-first (1, 2, 4, ... layers, then all), re-quantizing with the recorded calibration each time,
-until the tier passes.
+worst-first (1, 2, 4, ... layers, then all), re-quantizing with the recorded calibration each time
+(its ranges computed once and then read from ONNX Runtime's calibration cache), until the tier passes.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def diagnose_int8(int8: Path, reference: list[np.ndarray], cohort: Cohort, thres
                 candidate,
                 Calibration(calib["method"], calib["nodes"], target=calib["target"], exclude=exclude),
                 cohort=calibration,
+                cache=folder / "calibration.json",
             )
             write_manifest(
                 folder,

@@ -320,38 +320,40 @@ class Exporter:
     def search_int8(self, name: str, recipe: dict) -> dict:
         """Calibrate with each of `calibration_search`'s choices in turn until the graph passes its
         tier and the stress inputs; when none does, the one closest to passing is written (and fails).
-        Every try is recorded in the entry's calibration, so the manifest says why this one."""
+        Every try is recorded in the entry's calibration, so the manifest says why this one. The
+        closest failing graph so far waits beside the folder's temporary files (an interrupted run
+        removes it), so choosing it costs a rename instead of a second calibration."""
         a = self.args
         choices = [
             Calibration(method, size, target=a.int8_target, exclude=tuple(a.int8_exclude))
             for method, size in calibration_search(a.calib_method, a.calib_size)
         ]
         trials: list[dict] = []
+        closest: tuple[tuple, dict] | None = None  # (distance from passing, entry) of the stashed graph
+        stash = self.folder / f".partial-closest-{name}"
         for calib in choices:
             self.build_onnx(name, "int8", recipe, calib)
-            report = self.check_onnx(name, "int8")["parity"]
+            entry = self.check_onnx(name, "int8")
+            report = entry["parity"]
+            stress_max = max(r["prob_max_abs"] for r in report["stress"])
             trials.append(
                 {
                     "method": calib.method, "nodes": calib.size, "passed": report["passed"],
                     "failures": report["failures"], "label_flips": report["label_flips"],
-                    "prob_max_abs": report["prob_max_abs"],
-                    "stress_prob_max_abs": max(r["prob_max_abs"] for r in report["stress"]),
+                    "prob_max_abs": report["prob_max_abs"], "stress_prob_max_abs": stress_max,
                 }
             )  # fmt: skip
             if report["passed"]:
                 break
+            distance = (len(report["failures"]), report["label_flips"], stress_max)
+            if closest is None or distance < closest[0]:
+                os.replace(self.folder / name, stash)
+                closest = (distance, entry)
         else:
-            closest = min(
-                range(len(trials)),
-                key=lambda i: (
-                    len(trials[i]["failures"]),
-                    trials[i]["label_flips"],
-                    trials[i]["stress_prob_max_abs"],
-                ),
-            )
-            if closest != len(trials) - 1:
-                self.build_onnx(name, "int8", recipe, choices[closest])
-                self.check_onnx(name, "int8")
+            assert closest is not None
+            os.replace(stash, self.folder / name)
+            self.artifacts[name] = closest[1]
+        stash.unlink(missing_ok=True)
         entry = self.artifacts[name]
         entry["calibration"]["trials"] = trials
         self.write_manifest()

@@ -104,12 +104,20 @@ class CalibrationReader(CalibrationDataReader):
 
 
 def quantize_int8(
-    fp32_path: str | Path, path: str | Path, calib: Calibration, progress=None, cohort: Cohort | None = None
+    fp32_path: str | Path,
+    path: str | Path,
+    calib: Calibration,
+    progress=None,
+    cohort: Cohort | None = None,
+    cache: Path | None = None,
 ) -> dict:
     """Write the Q/DQ graph; returns the calibration record for the manifest.
 
-    `cohort`: the first `calib.size` nodes of the calib split, for callers that quantize several
-    times (m2a-verify --diagnose), so the nodes are generated once.
+    `cohort` and `cache` are for callers that quantize one graph several times with different
+    exclusions (m2a-verify --diagnose): `cohort`, the first `calib.size` nodes of the calib split, is
+    generated once; `cache` is ONNX Runtime's calibration cache (1.27+), written by the first call and
+    read by the next instead of running the calibration again. The ranges do not depend on the
+    exclusions: every convolution's tensors are calibrated.
     """
     if calib.method not in CALIB_METHODS:
         raise ValueError(f"unknown calibration method {calib.method!r}: choose {', '.join(CALIB_METHODS)}")
@@ -132,6 +140,7 @@ def quantize_int8(
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=list(calib.exclude),
                 calibrate_method=CALIB_METHODS[calib.method],
+                calibration_cache_path=cache,
                 extra_options={
                     "ActivationSymmetric": signed,
                     "WeightSymmetric": True,

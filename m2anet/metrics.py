@@ -9,11 +9,18 @@ from scipy.stats import rankdata
 def roc_auc(label: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half)."""
     label = np.asarray(label).astype(bool)
-    n_pos, n_neg = int(label.sum()), int((~label).sum())
-    if n_pos == 0 or n_neg == 0:
+    if label.all() or not label.any():
         return float("nan")
-    ranks = rankdata(score)
-    return float((ranks[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_rows(label[None], np.asarray(score)[None])[0])
+
+
+def roc_auc_rows(label: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """`roc_auc` of each row at once (a bootstrap's resamples); every row needs both classes."""
+    label = np.asarray(label).astype(bool)
+    n_pos = label.sum(axis=-1)
+    n_neg = label.shape[-1] - n_pos
+    ranks = rankdata(score, axis=-1)
+    return ((ranks * label).sum(axis=-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def youden_threshold(label: np.ndarray, prob: np.ndarray) -> float:

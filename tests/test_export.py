@@ -172,8 +172,13 @@ def test_calibration_search_tries_what_was_asked():
 
 def test_int8_search_keeps_the_calibration_closest_to_passing(refused_int8):
     """No calibration passes this tier: each method was tried at the asked size, every try is in the
-    manifest, and the graph kept is the one with the fewest failures."""
-    calibration = read_manifest(refused_int8["folder"])["artifacts"]["model.int8.onnx"]["calibration"]
+    manifest, and the graph kept is the one with the fewest failures: the file the manifest names,
+    with no stashed try left beside it."""
+    folder = refused_int8["folder"]
+    entry = read_manifest(folder)["artifacts"]["model.int8.onnx"]
+    assert sha256_file(folder / "model.int8.onnx") == entry["sha256"]
+    assert not list(folder.glob(".partial-*"))
+    calibration = entry["calibration"]
     trials = calibration["trials"]
     assert [(t["method"], t["nodes"]) for t in trials] == [("percentile", 8), ("max", 8)]
     assert not any(t["passed"] for t in trials) and all(t["failures"] for t in trials)
