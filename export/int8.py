@@ -78,11 +78,11 @@ TARGET_OPTIONS: dict[str, dict] = {
 
 @dataclass(frozen=True)
 class Calibration:
-    method: str = DEFAULT_CALIB_METHOD
-    size: int = DEFAULT_CALIB_SIZE
-    batch: int = 8
-    target: Target = "tensorrt"
+    method: str
+    size: int
+    target: Target
     exclude: tuple[str, ...] = ()
+    batch: int = 8
 
 
 class CalibrationReader(CalibrationDataReader):
