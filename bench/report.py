@@ -96,7 +96,8 @@ def _notes(b: dict[str, Any], s: dict[str, Any]) -> str:
 def _gflops(peaks: dict[str, Any]) -> str:
     rates = ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks["flops"].items())
     return (
-        f"{rates}; copy {peaks['bandwidth'] / 1e9:,.1f} GB/s (matmul {peaks['matmul_size']}², measured here)"
+        f"{rates}; copy {peaks['bandwidth'] / 1e9:,.1f} GB/s (matmul {peaks['matmul_size']}², measured here: "
+        f"the fastest of {peaks.get('measurements', 1)}, before the first backend and after each)"
     )
 
 

@@ -78,6 +78,14 @@ def test_floor_is_the_larger_of_compute_and_traffic():
     assert peaks.best_flops("int8") == 8e11
 
 
+def test_the_floor_keeps_the_fastest_measurement_of_each_rate():
+    """A shared host measured at a slow moment must not give a floor that a backend beats."""
+    slow = floor.Peaks("cpu", {"fp32": 0.7e11, "int8": 9e11}, 2e10, 256, 1 << 20)
+    again = slow.fastest(floor.Peaks("cpu", {"fp32": 1.4e11, "int8": 8e11}, 1e10, 256, 1 << 20))
+    assert again.flops == {"fp32": 1.4e11, "int8": 9e11} and again.bandwidth == 2e10
+    assert again.measurements == 2 and slow.measurements == 1
+
+
 def test_peaks_are_measured_on_this_cpu():
     """What was measured, not how fast: the rates themselves are benchmarks (ci/bench, test_cpu_peaks)."""
     peaks = floor.measure("cpu", matmul_size=128, copy_bytes=1 << 20, min_time_s=0.01)
@@ -292,6 +300,7 @@ def test_cpu_scenarios_end_to_end_then_select_and_compare(small, tmp_path, capsy
     labels = [b["backend"] for b in report["backends"]]
     onnx = [f"ort:cpu:m2anet_small/model.{p}.onnx" for p in ("fp32", "fp16", "int8")]
     assert labels == ["torch:cpu", "torch:cpu@pad_single=false", *onnx]
+    assert report["floors"]["cpu"]["measurements"] == 1 + len(labels)  # before the first, after each
     steps = {(b["backend"], s["scenario"], s["batch"]): s for b in report["backends"] for s in b["steps"]}
     assert set(steps) == {
         (lb, sc, n)
