@@ -96,10 +96,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    if args.calib_size is not None and args.calib_size < args.batch[0]:
-        parser().error(
-            f"argument --calib-size: {args.calib_size} is below the profile's MIN batch {args.batch[0]}"
-        )
     if args.precision == "best" and args.heads != "both":
         parser().error("--precision best benchmarks the two-head artifacts: drop --heads cls")
     precisions = PRECISIONS if args.precision in ("all", "best") else (args.precision,)
