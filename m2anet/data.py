@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from m2anet.model import HU_WINDOW, PATCH_SHAPE, PATCH_SPACING_MM
+from m2anet.model import HU_WINDOW, PATCH_SHAPE, PATCH_SPACING_MM, hu_scale
 
 GENERATOR_VERSION = 3
 
@@ -112,8 +112,7 @@ class NodeSigns:
 
 
 def hu_to_input(hu: np.ndarray) -> np.ndarray:
-    lo, hi = HU_WINDOW
-    return ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    return hu_scale(np.clip(hu, *HU_WINDOW)).astype(np.float32)
 
 
 def _draw_signs(rng: np.random.Generator) -> NodeSigns:

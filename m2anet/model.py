@@ -209,10 +209,11 @@ class ContourShape(nn.Module):
         return torch.sqrt(torch.relu(variances))
 
 
-def _hu(value: float) -> float:
-    """An HU value on the model's input scale."""
+def hu_scale(hu):
+    """HU on the model's input scale (HU_WINDOW to [0, 1], not clipped): for the thresholds in HU that
+    the network reads, and inside `m2anet.data.hu_to_input`, which clips the CT first."""
     lo, hi = HU_WINDOW
-    return (value - lo) / (hi - lo)
+    return (hu - lo) / (hi - lo)
 
 
 class IntensityStats(nn.Module):
@@ -225,7 +226,8 @@ class IntensityStats(nn.Module):
     """
 
     N_STATS = 8
-    _LOW, _FAT, _BRIGHT, _SOFTNESS = _hu(15.0), _hu(-40.0), _hu(150.0), 10.0 / (HU_WINDOW[1] - HU_WINDOW[0])
+    _LOW, _FAT, _BRIGHT = hu_scale(15.0), hu_scale(-40.0), hu_scale(150.0)
+    _SOFTNESS = 10.0 / (HU_WINDOW[1] - HU_WINDOW[0])  # 10 HU
 
     def __init__(self, eps: float) -> None:
         super().__init__()
