@@ -174,8 +174,8 @@ def measure_floors(
     options: BenchOptions, chosen: list[BackendSpec], min_time_s: float = 0.3
 ) -> dict[str, floor.Peaks]:
     """Measured before the backends run, so a run cut short still saves a complete report, and again
-    after each backend, more briefly (`Peaks.fastest` keeps the best: about a second per backend on a
-    GPU, where gpu-check's bench step is short of time)."""
+    after each backend, more briefly (`Peaks.fastest` keeps the best; 0.1 s per rate, not 0.3 s,
+    because gpu-check's bench step is short of time on a GPU)."""
     kinds = dict.fromkeys(describe(t, options.model)["device_kind"] for t in chosen)
     if not torch.cuda.is_available():
         kinds.pop("cuda", None)  # those targets fail to open and say so in the report

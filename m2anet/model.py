@@ -28,8 +28,9 @@ the contour, which normalised attention means hardly show.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -209,7 +210,10 @@ class ContourShape(nn.Module):
         return torch.sqrt(torch.relu(variances))
 
 
-def hu_scale(hu):
+_HU = TypeVar("_HU", float, np.ndarray)
+
+
+def hu_scale(hu: _HU) -> _HU:
     """HU on the model's input scale (HU_WINDOW to [0, 1], not clipped): for the thresholds in HU that
     the network reads, and inside `m2anet.data.hu_to_input`, which clips the CT first."""
     lo, hi = HU_WINDOW
