@@ -13,7 +13,7 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -64,14 +64,11 @@ class Peaks:
         speed while one measurement runs (the project's CPU machine measured 76 and then 137 GFLOP/s
         FP32 minutes apart), and a backend then beats its "floor"; the best the device delivered during
         the run is its peak."""
-        return Peaks(
-            self.device,
-            {k: max(v, again.flops.get(k, 0.0)) for k, v in self.flops.items()},
-            max(self.bandwidth, again.bandwidth),
-            self.matmul_size,
-            self.copy_bytes,
-            self.skipped,
-            self.measurements + again.measurements,
+        return replace(
+            self,
+            flops={k: max(v, again.flops.get(k, 0.0)) for k, v in self.flops.items()},
+            bandwidth=max(self.bandwidth, again.bandwidth),
+            measurements=self.measurements + again.measurements,
         )
 
 

@@ -170,17 +170,14 @@ def measure_targets(
     bar.close()
 
 
-def measure_floors(
-    options: BenchOptions, chosen: list[BackendSpec], min_time_s: float = 0.3
-) -> dict[str, floor.Peaks]:
-    """Measured before the backends run, so a run cut short still saves a complete report, and again
-    after each backend, more briefly (`Peaks.fastest` keeps the best; 0.1 s per rate, not 0.3 s,
-    because gpu-check's bench step is short of time on a GPU)."""
+def measure_floors(options: BenchOptions, chosen: list[BackendSpec]) -> dict[str, floor.Peaks]:
+    """Measured before the backends run, so a run cut short still saves a complete report (and again
+    after each backend, by `run_bench`)."""
     kinds = dict.fromkeys(describe(t, options.model)["device_kind"] for t in chosen)
     if not torch.cuda.is_available():
         kinds.pop("cuda", None)  # those targets fail to open and say so in the report
     copy_bytes = options.copy_mib << 20 if options.copy_mib else None
-    return {k: floor.measure(k, options.matmul_size, copy_bytes, min_time_s) for k in kinds}
+    return {k: floor.measure(k, options.matmul_size, copy_bytes) for k in kinds}
 
 
 def run_bench(options: BenchOptions) -> BenchRun:
@@ -200,9 +197,10 @@ def run_bench(options: BenchOptions) -> BenchRun:
     for info in measure_targets(options, chosen, settings):
         interrupted = info.get("interrupted", False)
         results.append(info)
-        if not interrupted:
-            again = measure_floors(options, chosen, min_time_s=0.1)
-            floors = {k: peaks.fastest(again[k]) for k, peaks in floors.items()}
+        if not interrupted:  # the peaks again, 0.1 s per rate (gpu-check is short of time); the best kept
+            floors = {
+                k: f.fastest(floor.measure(k, f.matmul_size, f.copy_bytes, 0.1)) for k, f in floors.items()
+            }
         if not info["error"]:
             key = report.model_key(info["model"], info["heads"])
             models[key] = models.get(key) or model_stats(info["model"], info["heads"])
