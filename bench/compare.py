@@ -77,7 +77,8 @@ def compare(old: dict[str, Any], new: dict[str, Any], threshold: float) -> list[
     before, after = _steps(old), _steps(new)
     for key in (k for k in before if k in after):
         for name, path, higher, gates in METRICS:
-            a, b = before[key], after[key]
+            a: Any = before[key]  # walked down `path` to the metric's number
+            b: Any = after[key]
             for part in path:
                 a, b = a[part], b[part]
             worse = (a - b) / a if higher else (b - a) / a

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -209,7 +209,7 @@ def run_server(
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
     clients = [_Client(factory) for _ in range(settings.clients)]
     if reference is None:
-        reference = reference_answers(clients[0].backend, inputs)
+        reference = reference_answers(cast(Backend, clients[0].backend), inputs)  # opened just above
     for client in clients:  # the first query of a connection pays its setup: warm each one up
         client.infer(*inputs[0])
     times = arrivals(settings)
@@ -252,7 +252,8 @@ def run_server(
                         answer, reference[query.input], rtol=0, atol=settings.atol
                     )
                 else:
-                    query.status, query.error = "failed", one_line(error)
+                    # no answer: every attempt raised, the last one's exception is `error`
+                    query.status, query.error = "failed", one_line(cast(Exception, error))
                     report(
                         f"request {query.index} (arrival {query.arrival_s:.3f} s) failed after "
                         f"{query.attempts} attempt(s): {query.error}"

@@ -12,7 +12,7 @@ from m2anet.engines.environment import tensorrt_missing_reason
 from m2anet.manifest import read_manifest
 
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8")
-TORCH_CUDA = (
+TORCH_CUDA: tuple[tuple[str, dict[str, bool]], ...] = (
     ("torch:cuda", {}),
     ("torch:cuda:tf32", {}),
     ("torch:cuda:fp16", {}),

@@ -62,7 +62,9 @@ def _handle(device: str) -> Any:
     props = torch.cuda.get_device_properties(index)
     try:
         # written as NVML writes it: domain:bus:device.function in upper-case hex
-        bus = f"{props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0"
+        # (torch's stubs omit the pci_* fields, which its CUDA device properties have at runtime)
+        pci = props.pci_domain_id, props.pci_bus_id, props.pci_device_id  # type: ignore[attr-defined]
+        bus = f"{pci[0]:08X}:{pci[1]:02X}:{pci[2]:02X}.0"
         return pynvml.nvmlDeviceGetHandleByPciBusId(bus)
     except (AttributeError, pynvml.NVMLError):
         return pynvml.nvmlDeviceGetHandleByIndex(index)

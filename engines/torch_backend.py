@@ -67,10 +67,12 @@ def _fp32_precision_nodes() -> dict[str, tuple[Any, Any]]:
         return {}
     return {
         "cuda": (b.cudnn, b),
-        "cuda.conv": (b.cudnn.conv, b.cudnn),
+        # cudnn.conv and mkldnn.matmul are class attributes of the module objects that replace
+        # torch.backends.cudnn and torch.backends.mkldnn in sys.modules: there at runtime, not in the stubs
+        "cuda.conv": (b.cudnn.conv, b.cudnn),  # type: ignore[attr-defined]
         "cuda.rnn": (b.cudnn.rnn, b.cudnn),
         "cuda.matmul": (b.cuda.matmul, b.cudnn),
-        "mkldnn.matmul": (b.mkldnn.matmul, b.mkldnn),
+        "mkldnn.matmul": (b.mkldnn.matmul, b.mkldnn),  # type: ignore[attr-defined]
     }
 
 
@@ -342,7 +344,9 @@ class TorchBackend(Backend):
         model = create_model(model_name, pretrained=weights is None, heads=heads, weights=weights)
         if folds_batchnorm(cuda_graphs, precision, fold_bn):
             model = fold_batchnorm(model)
-        self.model = model.to(self.torch_device, memory_format=self.memory_format)
+        # Module.to takes memory_format at runtime; torch's stubs leave it out
+        model = model.to(self.torch_device, memory_format=self.memory_format)  # type: ignore[call-overload]
+        self.model = model
         self.forward: Callable[..., Any] = self.model
         self.name = "torch-compile" if compile else "torch"
         if compile:

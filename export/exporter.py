@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -34,7 +34,7 @@ from m2anet.engines.ort_backend import OrtBackend
 from m2anet.engines.torch_backend import TorchBackend
 from m2anet.engines.trt_backend import TensorRTBackend
 from m2anet.export.fp16 import convert_fp16
-from m2anet.export.int8 import Calibration, calibration_search, quantize_int8
+from m2anet.export.int8 import Calibration, Target, calibration_search, quantize_int8
 from m2anet.export.onnx_export import ExportError, export_fp32, io_signature, max_abs_diff
 from m2anet.export.tensorrt_build import build_engine
 from m2anet.io import sha256_file
@@ -50,7 +50,7 @@ from m2anet.manifest import (
     trusted_key,
     write_manifest,
 )
-from m2anet.model import config_dict, create_model, get_config
+from m2anet.model import Heads, config_dict, create_model, get_config
 from m2anet.parity import FP32_LOGIT_TOLERANCE, TIERS, compare, judge_stress, stress_inputs, stress_outputs
 from m2anet.weights import shipped_weights, training_record
 
@@ -61,7 +61,7 @@ class ExportOptions:
 
     model: str = "m2anet_base"
     weights: Path | None = None
-    heads: str = "both"
+    heads: Heads = "both"
     out: Path = Path("artifacts")
     batch: tuple[int, int, int] = (1, 32, 128)
     force: bool = False
@@ -70,7 +70,7 @@ class ExportOptions:
     threads: int | None = None
     calib_method: str = "auto"
     calib_size: int | None = None
-    int8_target: str = "tensorrt"
+    int8_target: Target = "tensorrt"
     int8_exclude: list[str] = field(default_factory=list)
     allow_parity_fail: bool = False
     fp16_keep: list[str] = field(default_factory=list)
@@ -427,7 +427,7 @@ class Exporter:
         info = build_engine(
             self.folder / source,
             self.folder / name,
-            batch=tuple(a.batch),
+            batch=cast(tuple[int, int, int], tuple(a.batch)),
             timing_cache=self.folder / "timing.cache",
             opt_level=a.opt_level,
             version_compatible=a.version_compatible,

@@ -52,6 +52,8 @@ def export_fp32(model: M2ANet, path: str | Path, max_batch: int = 1024) -> Path:
             verbose=False,
         )
         exporter_log.setLevel(level)
+    if program is None:  # dynamo=True always returns one
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program")
     proto = program.model_proto
     check_graph(proto)
     with atomic_path(path) as tmp:

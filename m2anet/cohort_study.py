@@ -364,7 +364,7 @@ def visibility(logit_sd: dict[str, float], cohorts: list[MeasuredCohort]) -> dic
     """Per sign: its logit SD, the best of its measurements (|r| over all rendered nodes), a flag."""
     feats = np.concatenate([c.features for c in cohorts])
     correlations: dict[str, dict[str, float]] = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for sign, sd in logit_sd.items():
         if sign == "patient_effect":
             continue

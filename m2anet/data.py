@@ -146,7 +146,7 @@ def metastasis_logit(s: NodeSigns, patient_effect: float) -> float:
     )
 
 
-def _grid(shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[np.ndarray]:
+def _grid(shape: tuple[int, ...], spacing: tuple[float, ...]) -> tuple[np.ndarray, ...]:
     """Physical coordinates (mm) of voxel centres, origin at the volume centre."""
     axes = [(np.arange(n) - (n - 1) / 2.0) * sp for n, sp in zip(shape, spacing, strict=True)]
     return np.meshgrid(*axes, indexing="ij", sparse=True)
@@ -462,7 +462,7 @@ def make_study(seed: int = 0, n_nodes: int = 6, shape: tuple[int, int, int] = ST
     labels = np.zeros(shape, np.uint16)
     extent = np.array(shape) * np.array(spacing) / 2
     placed: list[tuple[np.ndarray, float]] = []
-    nodes = []
+    nodes: list[dict[str, float]] = []
     misses = 0
     while len(nodes) < n_nodes:
         if misses == 100_000:

@@ -67,9 +67,9 @@ def atomic_files(folder: str | os.PathLike, names: Sequence[str]) -> Iterator[di
     staged: dict[str, Path] = {}
     try:
         for name in names:
-            fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=f"-{name}", dir=folder)
+            fd, tmp_name = tempfile.mkstemp(prefix=".partial-", suffix=f"-{name}", dir=folder)
             os.close(fd)
-            staged[name] = Path(tmp)
+            staged[name] = Path(tmp_name)
         yield dict(staged)
         for tmp in staged.values():
             _normal_mode(tmp)

@@ -28,7 +28,8 @@ the contour, which normalised attention means hardly show.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.conv1 = _conv_bn_relu(cin, cout, stride)
         self.conv2 = nn.Conv3d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm3d(cout)
+        self.bn2: nn.BatchNorm3d | nn.Identity = nn.BatchNorm3d(cout)  # Identity once folded
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(
@@ -184,6 +185,9 @@ class ContourShape(nn.Module):
     variances subtract nearly equal second moments. The mask is not a parameter, so no gradient
     flows through the square roots.
     """
+
+    coords: torch.Tensor  # buffers, registered in __init__
+    outer: torch.Tensor
 
     def __init__(self, eps: float) -> None:
         super().__init__()
@@ -284,6 +288,11 @@ class UpBlock(nn.Module):
 
 
 class M2ANet(nn.Module):
+    geometry_mean: torch.Tensor  # buffers, registered in __init__
+    geometry_std: torch.Tensor
+    intensity_mean: torch.Tensor
+    intensity_std: torch.Tensor
+
     def __init__(self, config: M2ANetConfig, heads: Heads = "both") -> None:
         super().__init__()
         if heads not in ("both", "cls"):
@@ -370,7 +379,7 @@ def create_model(
     name: str,
     pretrained: bool = False,
     heads: Heads = "both",
-    weights: str | None = None,
+    weights: str | Path | None = None,
 ) -> M2ANet:
     """Build a registered config; `pretrained` loads the shipped weights, `weights` a file."""
     model = M2ANet(get_config(name), heads=heads)
@@ -389,11 +398,13 @@ def fold_batchnorm(model: M2ANet) -> M2ANet:
         raise ValueError("fold_batchnorm needs a model in eval mode: call model.eval() first")
     for module in list(model.modules()):
         if isinstance(module, ResBlock):
-            module.conv2, module.bn2 = fuse_conv_bn_eval(module.conv2, module.bn2), nn.Identity()
+            bn2 = cast(nn.BatchNorm3d, module.bn2)
+            module.conv2, module.bn2 = fuse_conv_bn_eval(module.conv2, bn2), nn.Identity()
         elif isinstance(module, nn.Sequential):
             for i in range(len(module) - 1):
                 if isinstance(module[i], nn.Conv3d) and isinstance(module[i + 1], nn.BatchNorm3d):
-                    module[i], module[i + 1] = fuse_conv_bn_eval(module[i], module[i + 1]), nn.Identity()
+                    conv, bn = cast(nn.Conv3d, module[i]), cast(nn.BatchNorm3d, module[i + 1])
+                    module[i], module[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
     return model
 
 

@@ -21,7 +21,7 @@ the reference's quality, tightened to what each precision can reach on this mode
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -207,7 +207,7 @@ def stress_inputs(
     shape = blob.shape
     cases = {
         "random masks": (ct, random_masks),
-        "all-background patch": (np.full(shape, hu_to_input(np.float32(-100.0)), np.float32), blob),
+        "all-background patch": (np.full(shape, hu_to_input(np.array(-100.0, np.float32)), np.float32), blob),
         "extreme HU (all >= 275)": (np.ones(shape, np.float32), blob),
         "extreme HU (all <= -175)": (np.zeros(shape, np.float32), blob),
         "extreme HU (checkerboard)": (
@@ -233,7 +233,7 @@ def stress_outputs(
 def judge_stress(report: dict, reference: dict[str, tuple], candidate: dict[str, tuple]) -> None:
     """Add the stress rows to a `compare` report: a case that disagrees by more than STRESS_PROB_ABS
     or is not finite fails the report whatever its tier says."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, ref in reference.items():
         cand = candidate[name]
         finite = all(np.isfinite(c).all() for c in cand)

@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import numpy as np
 from scipy import ndimage
@@ -88,6 +88,16 @@ class Node:
     short_axis_mm: float
     larger_than_patch: bool
     skipped: str | None = None
+
+
+class _Measured(TypedDict):
+    """The fields of a `Node` measured before it is known whether it is classified."""
+
+    label: int
+    centroid_mm: tuple[float, float, float]
+    voxel_index: tuple[int, int, int]
+    volume_mm3: float
+    short_axis_mm: float
 
 
 @dataclass
@@ -530,7 +540,7 @@ class StudyNodes:
             centroid, voxel, volume = _measure(ct, label_array, index, box)
             lo, hi = _node_extent_on_lattice(ct, box, lattice)
             whole = _resample(label_image, lattice + lo * LATTICE_SPACING, hi - lo, False, 0) == index
-            node_kwargs = {
+            node_kwargs: _Measured = {
                 "label": value,
                 "centroid_mm": centroid,
                 "voxel_index": voxel,
@@ -557,7 +567,7 @@ class StudyNodes:
                 ct_patches.append(hu_to_input(hu))
                 mask_patches.append(mask.astype(np.float32))
                 classified.append(len(nodes) - 1)
-                origins.append(tuple(float(v) for v in origin))
+                origins.append(cast(tuple[float, float, float], tuple(float(v) for v in origin)))
             if progress is not None:
                 progress("preprocess", done + 1, len(boxes))
             if classified and (len(classified) == size or done + 1 == len(boxes)):

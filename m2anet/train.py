@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import numpy as np
 import torch
@@ -29,7 +29,16 @@ from m2anet.metrics import accuracy_threshold, binary_metrics, dice, roc_auc, si
 from m2anet.model import M2ANet, config_dict, create_model
 from m2anet.preprocess import short_axis_mm
 
-TRAIN_DEFAULTS = {
+
+class TrainRecipe(TypedDict):
+    """One device's recipe in TRAIN_DEFAULTS."""
+
+    batch: int
+    lr: float
+    precision: str
+
+
+TRAIN_DEFAULTS: dict[str, TrainRecipe] = {
     "cpu": {"batch": 8, "lr": 2e-3, "precision": "fp32"},
     "cuda": {"batch": 32, "lr": 4e-3, "precision": "bf16"},
 }
@@ -52,7 +61,8 @@ class TrainDevice:
 
     def prepare(self, model: M2ANet) -> M2ANet:
         fmt = torch.channels_last_3d if self.cuda else torch.contiguous_format
-        return model.to(self.device, memory_format=fmt)
+        # Module.to takes memory_format at runtime; torch's stubs leave it out
+        return model.to(self.device, memory_format=fmt)  # type: ignore[call-overload]
 
     def inputs(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(channels_last(x) for x in xs) if self.cuda else xs
@@ -113,7 +123,7 @@ def evaluate(model: M2ANet, cohort: Cohort, threshold: float, per_node: bool = F
     training record keeps so that a test can check shipped weights on a prefix of the test split and
     the record's metrics from its own numbers."""
     prob, seg = predict(model, cohort)
-    result = {
+    result: dict[str, Any] = {
         **binary_metrics(cohort.label, prob, threshold),
         "auc": roc_auc(cohort.label, prob),
         "dice": dice(seg, cohort.seg > 0.5) if seg.size else float("nan"),
@@ -192,10 +202,13 @@ class SignSupervision(nn.Module):
     exports and engines never see it."""
 
     BINARY = ("necrosis", "fatty_hilum", "calcified")
+    binary: torch.Tensor  # buffers, registered in __init__
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, model: M2ANet, signs: np.ndarray, device: torch.device) -> None:
         super().__init__()
-        self.linear = nn.Linear(model.head[0].in_features, len(SIGN_NAMES))
+        self.linear = nn.Linear(cast(nn.Linear, model.head[0]).in_features, len(SIGN_NAMES))
         binary = torch.tensor([k in self.BINARY for k in SIGN_NAMES])
         values = torch.from_numpy(signs)
         self.register_buffer("binary", binary, persistent=False)
@@ -429,6 +442,8 @@ def train(
                 }
             )  # fmt: skip
     bar.close()
+    if best_state is None:  # the first epoch sets it (any AUC beats -1): only epochs=0 leaves it unset
+        raise ValueError(f"no epoch was validated (epochs={epochs}): there are no best weights to keep")
     model.load_state_dict(best_state)
     prob, _ = predict(model, val_set)
     threshold = choose_threshold(val_set.label, prob)
@@ -455,7 +470,8 @@ def train(
         "test_size_rule": size_rule(test_set),
         "fresh": fresh_evaluation(model, threshold),
     }
-    return model.to("cpu", memory_format=torch.contiguous_format), record
+    # Module.to takes memory_format at runtime; torch's stubs leave it out
+    return model.to("cpu", memory_format=torch.contiguous_format), record  # type: ignore[call-overload]
 
 
 def train_throughput(

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.compare:
-        return compare.main(*args.compare, args.threshold)
+        old, new = args.compare  # nargs=2
+        return compare.main(old, new, args.threshold)
     options = BenchOptions(
         model=args.model,
         artifacts=args.artifacts,
