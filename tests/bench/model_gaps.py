@@ -92,12 +92,11 @@ def gaps(cohorts: dict[str, dict], model: str) -> list[dict]:
         fit = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
         fit.fit(x(cohorts["fit"]), cohorts["fit"]["label"])
         row: dict = {"model": model, "group": group, "features": names}
-        for name in ("val", "test", "fresh"):
-            c = cohorts[name]
-            row[f"{name}_auc"] = roc_auc(c["label"], fit.decision_function(x(c)))
+        scores = {name: fit.decision_function(x(cohorts[name])) for name in ("val", "test", "fresh")}
+        for name, score in scores.items():
+            row[f"{name}_auc"] = roc_auc(cohorts[name]["label"], score)
         fresh = cohorts["fresh"]
-        prob = fit.decision_function(x(fresh))
-        row["fresh_gain_ci95"] = bootstrap_auc_difference(fresh["label"], fresh[model], prob)
+        row["fresh_gain_ci95"] = bootstrap_auc_difference(fresh["label"], fresh[model], scores["fresh"])
         rows.append(row)
     return rows
 
