@@ -23,10 +23,16 @@ they are standardised with statistics of the training split, stored with the wei
 The intensity statistics (issue 14) go beside them for the same reason: heterogeneous enhancement, a
 necrotic core and a fatty hilum change the spread and the low-attenuation share of the voxels inside
 the contour, which normalised attention means hardly show.
+
+The outline term (issue 14, also ours) is the logit's last step: the contour's roundness and sphericity
+at the patch's full resolution, which the rings on the S3 grid average away, enter the logit linearly
+beside the head's output, with coefficients fitted after training on held-out nodes, the network frozen
+(`m2a-train --fit-outline`). Trained weights carry the identity term until then.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -214,6 +220,68 @@ class ContourShape(nn.Module):
         return torch.sqrt(torch.relu(variances))
 
 
+class ContourOutline(nn.Module):
+    """Roundness and sphericity of the contour at the patch's own 0.8 mm, where the network sees it only
+    through the rings on the S3 grid (3.2 mm in-plane), which average an irregular margin away. Of the
+    cohort study's hand features, the contour's full-resolution shape is the one group that adds to the
+    trained models' logits (docs/cohort-study/model_gaps.md); these three carry that gain and need no
+    convex hull or eigensolver:
+
+    * moment roundness: sqrt(I3 / I2 / I1) of the covariance invariants (smallest over total extent);
+    * axial roundness: short over long axis of the in-plane (y, x) covariance, as read on an axial slice;
+    * sphericity: pi^(1/3) (6 V)^(2/3) / A, with A the area of the voxel faces between contour and outside.
+
+    The covariance has a voxel's own extent (spacing^2 / 12) added, as `cohort_study.node_features` does,
+    and is built from the contour's projections (sums over one or two axes), so the graph holds ReduceSum,
+    Mul, Sub, Abs, Pad, Div, Pow and Sqrt on tensors of rank 4 and less: model.fp16.onnx keeps all of it in
+    FP32. No parameters, and no gradient reaches it (the mask has none).
+    """
+
+    N_MEASURES = 3
+    z: torch.Tensor  # buffers, registered in __init__
+    y: torch.Tensor
+    x: torch.Tensor
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        for name, n, sp in zip("zyx", PATCH_SHAPE, PATCH_SPACING_MM, strict=True):
+            self.register_buffer(name, (torch.arange(n) - (n - 1) / 2.0) * sp, persistent=False)
+        self.spacing = PATCH_SPACING_MM
+        self.eps = eps
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        m = mask[:, 0]  # (B, Z, Y, X)
+        zy, zx, yx = m.sum(3), m.sum(2), m.sum(1)
+        mz, my, mx = zy.sum(2), zy.sum(1), zx.sum(1)
+        n = mz.sum(1)
+        mass = n + self.eps
+        ez, ey, ex = ((w * c).sum(1) / mass for w, c in ((mz, self.z), (my, self.y), (mx, self.x)))
+        bessel = n / torch.clamp(n - 1.0, min=1.0)
+        sz2, sy2, sx2 = (s * s / 12.0 for s in self.spacing)
+        czz = ((mz * self.z * self.z).sum(1) / mass - ez * ez) * bessel + sz2
+        cyy = ((my * self.y * self.y).sum(1) / mass - ey * ey) * bessel + sy2
+        cxx = ((mx * self.x * self.x).sum(1) / mass - ex * ex) * bessel + sx2
+        czy = (((zy * self.y).sum(2) * self.z).sum(1) / mass - ez * ey) * bessel
+        czx = (((zx * self.x).sum(2) * self.z).sum(1) / mass - ez * ex) * bessel
+        cyx = (((yx * self.x).sum(2) * self.y).sum(1) / mass - ey * ex) * bessel
+        i1 = czz + cyy + cxx
+        i2 = czz * cyy + czz * cxx + cyy * cxx - czy * czy - czx * czx - cyx * cyx
+        i3 = czz * (cyy * cxx - cyx * cyx) - czy * (czy * cxx - cyx * czx) + czx * (czy * cyx - cyy * czx)
+        moment = torch.sqrt(torch.relu(i3 / (i2 + self.eps)) / (i1 + self.eps))
+        half = (cyy + cxx) / 2.0
+        disc = torch.sqrt((cyy - cxx) * (cyy - cxx) / 4.0 + cyx * cyx)
+        axial = torch.sqrt(torch.relu(half - disc) / (half + disc + self.eps))
+        p = nn.functional.pad(m, (1, 1, 1, 1, 1, 1))
+        fz, fy, fx = (
+            (a[:, 1:] - a[:, :-1]).abs().sum((1, 2, 3)) for a in (p, p.transpose(1, 2), p.transpose(1, 3))
+        )
+        sz, sy, sx = self.spacing
+        area = fz * sy * sx + fy * sz * sx + fx * sz * sy
+        volume = n * (sz * sy * sx)
+        sphericity = math.pi ** (1.0 / 3.0) * torch.pow(6.0 * volume, 2.0 / 3.0) / (area + self.eps)
+        return torch.stack([moment, axial, sphericity], dim=1)  # (B, 3)
+
+
 _HU = TypeVar("_HU", float, np.ndarray)
 
 
@@ -292,6 +360,10 @@ class M2ANet(nn.Module):
     geometry_std: torch.Tensor
     intensity_mean: torch.Tensor
     intensity_std: torch.Tensor
+    outline_mean: torch.Tensor
+    outline_std: torch.Tensor
+    outline_weight: torch.Tensor
+    outline_bias: torch.Tensor
 
     def __init__(self, config: M2ANetConfig, heads: Heads = "both") -> None:
         super().__init__()
@@ -329,6 +401,14 @@ class M2ANet(nn.Module):
             nn.Dropout(config.dropout),
             nn.Linear(config.head_hidden, 1),
         )
+        # the logit's last step, fitted after training (m2a-train --fit-outline): a logistic regression of
+        # the head's logit and the standardised full-resolution outline measures; the identity until then
+        self.outline = ContourOutline(config.eps)
+        self.register_buffer("outline_mean", torch.empty(ContourOutline.N_MEASURES))
+        self.register_buffer("outline_std", torch.empty(ContourOutline.N_MEASURES))
+        self.register_buffer("outline_weight", torch.empty(1 + ContourOutline.N_MEASURES))
+        self.register_buffer("outline_bias", torch.empty(1))
+        self.reset_outline()
 
         if heads == "both":
             self.up4 = UpBlock(w[4], w[3], w[3], (2, 2, 2))
@@ -340,6 +420,21 @@ class M2ANet(nn.Module):
     def geometry(self, rings3: torch.Tensor) -> torch.Tensor:
         """Ring masses (cm^3) and contour extents, before standardisation: (B, 6)."""
         return torch.cat([rings3.sum((2, 3, 4)) * RING_VOXEL_CM3, self.shape(rings3[:, :1])], dim=1)
+
+    @torch.no_grad()
+    def reset_outline(self) -> None:
+        """The identity outline term: the head's logit as it was trained."""
+        self.outline_mean.zero_()
+        self.outline_std.fill_(1.0)
+        self.outline_weight.zero_()
+        self.outline_weight[0] = 1.0
+        self.outline_bias.zero_()
+
+    def outline_logit(self, head_logit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The head's logit with the fitted outline term added: (B, 1)."""
+        outline = (self.outline(mask) - self.outline_mean) / self.outline_std
+        terms = torch.cat([head_logit, outline], dim=1)
+        return (terms * self.outline_weight).sum(1, keepdim=True) + self.outline_bias
 
     def forward(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f1 = self.s1(ct)
@@ -364,7 +459,7 @@ class M2ANet(nn.Module):
         intensity = (self.intensity(ct, mask) - self.intensity_mean) / self.intensity_std
         fused = self.fusion(tokens + self.token_embed)
         described = self.geometry_proj(geometry) + self.intensity_proj(intensity)
-        met_logit = self.head(torch.cat([fused, described], dim=1))
+        met_logit = self.outline_logit(self.head(torch.cat([fused, described], dim=1)), mask)
         if self.heads == "cls":
             return (met_logit,)
 

@@ -26,7 +26,7 @@ from m2anet.data import FRESH_NODES, FRESH_SEED, GENERATOR_VERSION, SIGN_NAMES, 
 from m2anet.engines.torch_backend import channels_last, cuda_math
 from m2anet.io import atomic_path, sha256_file
 from m2anet.metrics import accuracy_threshold, binary_metrics, dice, roc_auc, sigmoid, youden_threshold
-from m2anet.model import M2ANet, config_dict, create_model
+from m2anet.model import ContourOutline, M2ANet, config_dict, create_model
 from m2anet.preprocess import short_axis_mm
 
 
@@ -345,6 +345,104 @@ def _init_record(init: Path | None) -> dict | None:
     }
 
 
+def _threshold_and_evaluation(model: M2ANet, threshold_rule: str, val_set: Cohort) -> dict[str, Any]:
+    """The record's decision threshold, chosen on `val` by `threshold_rule`, and what the model does with
+    it on the test split and the fresh cohort."""
+    choose_threshold, rule_text = THRESHOLD_RULES[threshold_rule]
+    prob, _ = predict(model, val_set)
+    threshold = choose_threshold(val_set.label, prob)
+    test_set = load_split("test")
+    return {
+        "threshold": threshold,
+        "threshold_rule": rule_text,
+        "test": evaluate(model, test_set, threshold, per_node=True),
+        "test_size_rule": size_rule(test_set),
+        "fresh": fresh_evaluation(model, threshold),
+    }
+
+
+OUTLINE_FIT_SEED, OUTLINE_FIT_NODES = 77_777, 3000
+"""The nodes the outline term is fitted on: a seed that no split, training run or evaluation draws."""
+
+
+@torch.no_grad()
+def fit_outline(model: M2ANet, cohort: Cohort, batch: int = 32) -> dict[str, Any]:
+    """Fit the model's outline term (`M2ANet.outline_logit`) on `cohort`, the network frozen: a logistic
+    regression of the head's logit and the three standardised outline measures, by L-BFGS in float64.
+    A refit starts from the head's own logit, whatever term the weights carried. Returns what was fitted."""
+    model.eval()
+    dev = next(model.parameters()).device
+    n = ContourOutline.N_MEASURES
+    model.reset_outline()
+    logits, outlines = [], []
+    with _ieee_fp32(dev):
+        for i in range(0, len(cohort), batch):
+            ct, mask = (torch.from_numpy(a[i : i + batch]).to(dev) for a in (cohort.ct, cohort.mask))
+            logits.append(model(ct, mask)[0].double().cpu())
+            outlines.append(model.outline(mask).double().cpu())
+    outline = torch.cat(outlines)
+    mean, std = outline.mean(0), outline.std(0).clamp_min(1e-6)
+    x = torch.cat([torch.cat(logits), (outline - mean) / std], dim=1)
+    y = torch.from_numpy(cohort.label).double()
+    w = torch.zeros(n + 1, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        value = F.binary_cross_entropy_with_logits(x @ w + b, y)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        opt.step(loss)
+    for buffer, value in ((model.outline_mean, mean), (model.outline_std, std), (model.outline_weight, w),
+                          (model.outline_bias, b)):  # fmt: skip
+        buffer.copy_(value.detach().to(buffer))
+    return {
+        "seed": OUTLINE_FIT_SEED,
+        "nodes": len(cohort),
+        "measures": ["moment roundness", "axial roundness", "sphericity"],
+        "weight": [float(v) for v in w],
+        "bias": float(b),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "fit_auc": {
+            "head": roc_auc(cohort.label, x[:, 0].numpy()),
+            "with outline": roc_auc(cohort.label, (x @ w + b).detach().numpy()),
+        },
+    }
+
+
+def fit_outline_term(
+    name: str,
+    init: Path,
+    device: str = "cpu",
+    threshold_rule: str = "accuracy",
+    n_fit: int = OUTLINE_FIT_NODES,
+) -> tuple[M2ANet, dict]:
+    """`m2a-train --fit-outline`: trained weights (`init`, with their record beside them) get their outline
+    term fitted on `n_fit` nodes of OUTLINE_FIT_SEED, then a new threshold on `val` and a new evaluation.
+    The record keeps the training run's record under `init`."""
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule {threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
+    t0 = time.time()
+    dev = TrainDevice(device, "fp32")
+    model = dev.prepare(create_model(name, weights=str(init)))
+    fitted = fit_outline(model, load_split("train", n=n_fit, seed=OUTLINE_FIT_SEED))
+    record = {
+        "model": config_dict(name),
+        "init": _init_record(init),
+        "generator_version": GENERATOR_VERSION,
+        "outline_fit": fitted,
+        **dev.facts(),
+        **_threshold_and_evaluation(model, threshold_rule, load_split("val")),
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    # Module.to takes memory_format at runtime; torch's stubs leave it out
+    return model.to("cpu", memory_format=torch.contiguous_format), record  # type: ignore[call-overload]
+
+
 def train(
     name: str,
     epochs: int,
@@ -365,7 +463,6 @@ def train(
     The model comes back on the CPU, NCDHW."""
     if threshold_rule not in THRESHOLD_RULES:
         raise ValueError(f"threshold rule {threshold_rule!r}: choose one of {', '.join(THRESHOLD_RULES)}")
-    choose_threshold, rule_text = THRESHOLD_RULES[threshold_rule]
     dev = TrainDevice(device, precision)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -445,9 +542,6 @@ def train(
     if best_state is None:  # the first epoch sets it (any AUC beats -1): only epochs=0 leaves it unset
         raise ValueError(f"no epoch was validated (epochs={epochs}): there are no best weights to keep")
     model.load_state_dict(best_state)
-    prob, _ = predict(model, val_set)
-    threshold = choose_threshold(val_set.label, prob)
-    test_set = load_split("test")
     record = {
         "model": config_dict(name),
         "seed": seed,
@@ -459,16 +553,12 @@ def train(
         "lr": lr,
         "train_nodes": len(train_set),
         "generator_version": GENERATOR_VERSION,
-        "threshold": threshold,
-        "threshold_rule": rule_text,
         "signs_weight": SIGNS_WEIGHT,
         "history": history,
         "wall_time_s": round(earlier_s + time.time() - t0, 1),
         "train_nodes_per_s": round(trained_nodes / trained_s, 1),
         **dev.facts(),
-        "test": evaluate(model, test_set, threshold, per_node=True),
-        "test_size_rule": size_rule(test_set),
-        "fresh": fresh_evaluation(model, threshold),
+        **_threshold_and_evaluation(model, threshold_rule, val_set),
     }
     # Module.to takes memory_format at runtime; torch's stubs leave it out
     return model.to("cpu", memory_format=torch.contiguous_format), record  # type: ignore[call-overload]

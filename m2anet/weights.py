@@ -59,6 +59,11 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+FITTED_AFTER_TRAINING = frozenset({"outline_mean", "outline_std", "outline_weight", "outline_bias"})
+"""The outline term that `m2a-train --fit-outline` sets on trained weights: a checkpoint from before it
+has none and loads with the model's identity term, computing the logit it was trained and recorded with."""
+
+
 def load_weights(model: torch.nn.Module, name_or_path: str | Path) -> Path:
     """Load a registered model's shipped weights (by name) or a file; returns the file's path. A file
     wins over a name, and a path without a suffix is still a file (`runs/last` from torch.save)."""
@@ -73,6 +78,8 @@ def load_weights(model: torch.nn.Module, name_or_path: str | Path) -> Path:
     state = _read_state(path)
     expected = model.state_dict()
     for key, value in expected.items():
+        if key not in state and key in FITTED_AFTER_TRAINING:
+            continue
         if key not in state:
             raise WeightsError(
                 f"{path}: missing key {key!r} (shape {tuple(value.shape)}): "
@@ -88,7 +95,9 @@ def load_weights(model: torch.nn.Module, name_or_path: str | Path) -> Path:
         raise WeightsError(
             f"{path}: unexpected key {unexpected[0]!r}: the checkpoint was made for another config"
         )
-    model.load_state_dict({k: state[k] for k in expected})
+    if FITTED_AFTER_TRAINING & (expected.keys() - state.keys()):
+        model.reset_outline()  # type: ignore[operator]  # only M2ANet has these keys
+    model.load_state_dict({k: state.get(k, v) for k, v in expected.items()})
     return path
 
 

@@ -82,6 +82,14 @@ def test_bad_numbers_are_refused_by_the_parser(tmp_path, monkeypatch, capsys, pr
     assert list(tmp_path.iterdir()) == []
 
 
+def test_fitting_the_outline_term_needs_trained_weights(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _exit(train.main, ["--fit-outline"]) == 2
+    errors = _errors(capsys, "m2a-train")
+    assert len(errors) == 1 and "give them with --init" in errors[0], errors
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("prog", CLIS)
 def test_version_prints_the_version_and_runs_nothing(tmp_path, monkeypatch, capsys, prog):
     monkeypatch.chdir(tmp_path)

@@ -79,8 +79,10 @@ def test_no_fp32_value_is_rounded_through_fp16_between_fp32_nodes(graphs):
 
 
 def test_fp32_tail_keeps_the_logit_close_to_fp32(graphs):
-    """With only the volume ops in FP16 the metastasis logit stays within 1e-3 of the FP32 graph
-    (the FP16 tier allows 5e-3 on the probability); it moved by 5e-2 when the tail ran in FP16."""
+    """With only the volume ops in FP16 the metastasis logit stays within 1e-2 of the FP32 graph, which
+    moves a probability by at most 2.5e-3 (the FP16 tier allows 5e-3). On these inputs the shipped small
+    weights move by 4.2e-3, and by 4.3e-2 when the converter also runs the tail in FP16 (the weights of
+    the first GPU run: 9e-4 and 8e-3)."""
     fp32, fp16 = graphs
     ct, mask = example_inputs(16)
     feeds = {"ct": ct.numpy(), "mask": mask.numpy()}
@@ -90,4 +92,4 @@ def test_fp32_tail_keeps_the_logit_close_to_fp32(graphs):
         )[0]
         for p in (fp32, fp16)
     ]
-    assert np.abs(logits[0] - logits[1]).max() < 1e-3
+    assert np.abs(logits[0] - logits[1]).max() < 1e-2

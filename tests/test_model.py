@@ -7,6 +7,7 @@ from m2anet.model import (
     PATCH_SHAPE,
     S3_SHAPE,
     S3_SPACING_MM,
+    ContourOutline,
     ContourShape,
     IntensityStats,
     SoftMaskExpansion,
@@ -98,6 +99,39 @@ def test_contour_shape_is_invariant_and_tracks_the_short_axis():
     assert shorts == sorted(shorts) and len(set(shorts)) == 4
     empty = shape(torch.zeros_like(node))
     assert torch.equal(empty, torch.zeros_like(empty))
+
+
+def test_contour_outline_is_the_cohort_studys_measure_of_the_same_contour():
+    """Axial roundness and sphericity equal `node_features` on the study's own nodes (exact eigenvalues and
+    voxel faces); moment roundness is its invariant-based stand-in, which must rank nodes alike."""
+    from m2anet.cohort_study import node_features, rendered_nodes
+
+    outline = ContourOutline(eps=1e-3).double()
+    mine, study = [], []
+    for node in rendered_nodes(3003, 12):
+        mine.append(outline(torch.from_numpy(node.mask > 0.5).double()[None, None])[0].numpy())
+        f = node_features(node.ct, node.mask)
+        study.append(
+            [f[k] for k in ("contour_moment_roundness", "contour_axial_roundness", "contour_sphericity")]
+        )
+    mine, study = np.array(mine), np.array(study)
+    np.testing.assert_allclose(mine[:, 1:], study[:, 1:], rtol=1e-3)  # eps in the denominators
+    assert np.corrcoef(mine[:, 0], study[:, 0])[0, 1] > 0.9
+    empty = ContourOutline(eps=1e-3)(torch.zeros(1, 1, *PATCH_SHAPE))
+    assert torch.isfinite(empty).all()
+
+
+def test_the_outline_term_is_the_identity_until_fitted():
+    model = create_model("m2anet_small").eval()
+    ct, mask = torch.rand(3, 1, *PATCH_SHAPE), _ball(6.0).expand(3, -1, -1, -1, -1)
+    with torch.no_grad():
+        head = torch.randn(3, 1)
+        torch.testing.assert_close(model.outline_logit(head, mask), head, rtol=0, atol=0)
+        model.outline_weight.copy_(torch.tensor([1.0, 0.0, 0.0, 2.0]))
+        moved = model.outline_logit(head, mask) - head
+        sphericity = (model.outline(mask)[:, 2:] - model.outline_mean[2]) / model.outline_std[2]
+        torch.testing.assert_close(moved, 2.0 * sphericity)
+        assert model(ct, mask)[0].shape == (3, 1)
 
 
 def test_encoder_does_not_see_the_mask_and_pooling_does():

@@ -10,7 +10,7 @@ from m2anet import create_model
 from m2anet.data import FRESH_SEED, GENERATOR_VERSION, SPLITS, load_split
 from m2anet.metrics import binary_metrics, roc_auc
 from m2anet.train import evaluate
-from m2anet.weights import WeightsError, load_weights, save_weights, training_record
+from m2anet.weights import FITTED_AFTER_TRAINING, WeightsError, load_weights, save_weights, training_record
 
 
 def test_round_trip(tmp_path):
@@ -52,6 +52,20 @@ def test_mismatch_names_the_first_bad_key(tmp_path):
         create_model("m2anet_small", weights=str(tmp_path / "junk.safetensors"))
     with pytest.raises(WeightsError, match="not found"):
         create_model("m2anet_small", weights=str(tmp_path / "absent.safetensors"))
+
+
+def test_weights_from_before_the_outline_term_load_with_the_identity(tmp_path):
+    """A trained checkpoint has no fitted outline term yet (m2a-train writes it, --fit-outline reads it):
+    it loads with the term that leaves its logit as it was trained, whatever the model held before."""
+    trained = create_model("m2anet_small")
+    state = {k: v for k, v in trained.state_dict().items() if k not in FITTED_AFTER_TRAINING}
+    save_file(state, str(tmp_path / "trained.safetensors"))
+    model = create_model("m2anet_small")
+    with torch.no_grad():
+        model.outline_weight.copy_(torch.tensor([0.5, 1.0, 1.0, 1.0]))
+    load_weights(model, tmp_path / "trained.safetensors")
+    for key in FITTED_AFTER_TRAINING:
+        torch.testing.assert_close(model.state_dict()[key], trained.state_dict()[key], rtol=0, atol=0)
 
 
 def test_a_checkpoint_path_without_a_suffix_is_a_file_not_a_model_name(tmp_path, monkeypatch):
@@ -131,20 +145,25 @@ def test_shipped_weights_beat_the_size_rule(shipped):
     assert test["accuracy"] > rule["accuracy"] and test["auc"] > rule["auc"]
 
 
-REACHED = {"accuracy": 0.77, "auc": 0.83}
-"""Issue 14's goals for m2anet_small, which both shipped configs reach on the fresh cohort. Not reached yet:
-m2anet_base's own (accuracy 0.80, AUC 0.86), and beating the radiomics reader of the cohort study on AUC
-(README and docs/cohort.md)."""
+GOALS = {"m2anet_small": {"accuracy": 0.77, "auc": 0.83}, "m2anet_base": {"accuracy": 0.80, "auc": 0.86}}
+"""Issue 14's goals for each config on the fresh cohort, at the shipped threshold."""
+CEILING_GAP = 0.07
+"""Issue 14: within this AUC of the label model on the signs alone (what no reader sees exactly)."""
 
 
 def test_shipped_weights_on_a_fresh_cohort(shipped):
-    """On 600 nodes of a seed no training run saw, at the shipped threshold: the small config's goals, and
-    better than the 10 mm rule on the contour the model sees and on the generator's true diameter."""
+    """On 600 nodes of a seed no training run saw, at the shipped threshold: the config's own goals, a higher
+    AUC than the cohort study's radiomics reader, accuracy and AUC above the 10 mm rule on the contour the
+    model sees and on the generator's true diameter, and within CEILING_GAP of the signs-only label model."""
     name, record, _ = shipped
     fresh = _metrics(record["fresh"], record["threshold"])
-    assert fresh["accuracy"] >= REACHED["accuracy"] and fresh["auc"] >= REACHED["auc"], (name, fresh)
+    goal = GOALS[name]
+    assert fresh["accuracy"] >= goal["accuracy"] and fresh["auc"] >= goal["auc"], (name, fresh)
     for rule in ("contour", "oracle"):
         size = record["fresh"]["size_rule"][rule]
         assert fresh["accuracy"] > size["accuracy"] and fresh["auc"] > size["auc"], (name, rule, size)
     study = json.loads(STUDY.read_text(encoding="utf-8"))
     assert study["generator_version"] == GENERATOR_VERSION  # the readers the README compares with
+    readers = study["ceilings"][f"fresh (seed {record['fresh']['seed']}, {record['fresh']['nodes']} nodes)"]
+    assert fresh["auc"] > readers["radiomics reader"]["auc"], (name, fresh, readers["radiomics reader"])
+    assert readers["label model, signs only"]["auc"] - fresh["auc"] <= CEILING_GAP, (name, fresh)
