@@ -84,7 +84,7 @@ def test_the_outline_term_is_fitted_on_the_frozen_network(tiny_splits, tmp_path)
         if key not in FITTED_AFTER_TRAINING:
             torch.testing.assert_close(fitted.state_dict()[key], value, rtol=0, atol=0, msg=key)
     assert not torch.equal(fitted.outline_weight, trained.outline_weight)
-    fit = load_split("train", n=16, seed=training.OUTLINE_FIT_SEED)
+    fit = training.load_split("train", n=16, seed=training.OUTLINE_FIT_SEED)  # the fixture's, drawn once
     label = torch.from_numpy(fit.label).float()
     with torch.no_grad():
         losses = [
