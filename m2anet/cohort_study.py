@@ -269,7 +269,7 @@ def measure(name: str, seed: int, n: int, progress: bool = True) -> MeasuredCoho
     )
 
 
-def _scores(label: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
+def reader_scores(label: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
     return {**binary_metrics(label, score, threshold), "auc": roc_auc(label, score), "threshold": threshold}
 
 
@@ -297,8 +297,8 @@ class LabelSimulation:
                 "patient_effect": float((self.logit - self.signs_logit).std()),
             },
             "logit_sd_total": float(self.logit.std()),
-            "with_patient_effect": _scores(self.label, self.logit, 0.0),
-            "signs_only": _scores(self.label, self.signs_logit, 0.0),
+            "with_patient_effect": reader_scores(self.label, self.logit, 0.0),
+            "signs_only": reader_scores(self.label, self.signs_logit, 0.0),
             "realism": self.realism(),
         }
 
@@ -330,7 +330,7 @@ class LabelSimulation:
         score = self.signs_logit - sum((self.terms[k] for k in unknown), np.zeros_like(self.signs_logit))
         half = len(score) // 2
         threshold = accuracy_threshold(self.label[:half], score[:half])
-        return {**_scores(self.label[half:], score[half:], threshold), "unknown_signs": unknown}
+        return {**reader_scores(self.label[half:], score[half:], threshold), "unknown_signs": unknown}
 
 
 def simulate_label_model(n: int, seed: int, progress: bool = True) -> LabelSimulation:
@@ -410,11 +410,13 @@ def radiomics_reader(train: MeasuredCohort, val: MeasuredCohort) -> tuple[Any, R
 def readers(c: MeasuredCohort, prob: Reader, threshold: float) -> dict[str, dict[str, float]]:
     """Every reader of issue 14's item 2 on one cohort."""
     return {
-        "label model, with patient effect": _scores(c.label, c.bayes_probability, 0.5),
-        "label model, signs only": _scores(c.label, c.signs_logit, 0.0),
-        "radiomics reader": _scores(c.label, prob(c), threshold),
-        "size rule, contour": _scores(c.label, c.features[:, FEATURES.index("contour_short_axis_mm")], 10.0),
-        "size rule, true diameter": _scores(c.label, c.short_axis_mm, 10.0),
+        "label model, with patient effect": reader_scores(c.label, c.bayes_probability, 0.5),
+        "label model, signs only": reader_scores(c.label, c.signs_logit, 0.0),
+        "radiomics reader": reader_scores(c.label, prob(c), threshold),
+        "size rule, contour": reader_scores(
+            c.label, c.features[:, FEATURES.index("contour_short_axis_mm")], 10.0
+        ),
+        "size rule, true diameter": reader_scores(c.label, c.short_axis_mm, 10.0),
     }
 
 

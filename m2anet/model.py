@@ -181,6 +181,17 @@ class MaskAttentionPool(nn.Module):
         return self.proj(pooled)
 
 
+def _invariants(
+    zz: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, zy: torch.Tensor, zx: torch.Tensor, yx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trace, sum of principal minors and determinant of a symmetric 3 x 3 covariance given by its entries:
+    rotation-invariant, and what a graph computes without an eigensolver."""
+    i1 = zz + yy + xx
+    i2 = zz * yy + zz * xx + yy * xx - zy * zy - zx * zx - yx * yx
+    i3 = zz * (yy * xx - yx * yx) - zy * (zy * xx - yx * zx) + zx * (zy * yx - yy * zx)
+    return i1, i2, i3
+
+
 class ContourShape(nn.Module):
     """Long, middle and short extent of the contour, rotation invariant, without an eigensolver.
 
@@ -212,10 +223,7 @@ class ContourShape(nn.Module):
         mean = torch.matmul(w, self.coords) / mass  # (B, 3)
         second = torch.matmul(w, self.outer) / mass  # (B, 9)
         c = [second[:, k] - mean[:, k // 3] * mean[:, k % 3] for k in (0, 4, 8, 1, 2, 5)]
-        zz, yy, xx, zy, zx, yx = c
-        i1 = zz + yy + xx
-        i2 = zz * yy + zz * xx + yy * xx - zy * zy - zx * zx - yx * yx
-        i3 = zz * (yy * xx - yx * yx) - zy * (zy * xx - yx * zx) + zx * (zy * yx - yy * zx)
+        i1, i2, i3 = _invariants(*c)
         variances = torch.stack([i1, i2 / (i1 + self.eps), i3 / (i2 + self.eps)], dim=1)
         return torch.sqrt(torch.relu(variances))
 
@@ -264,9 +272,7 @@ class ContourOutline(nn.Module):
         czy = (((zy * self.y).sum(2) * self.z).sum(1) / mass - ez * ey) * bessel
         czx = (((zx * self.x).sum(2) * self.z).sum(1) / mass - ez * ex) * bessel
         cyx = (((yx * self.x).sum(2) * self.y).sum(1) / mass - ey * ex) * bessel
-        i1 = czz + cyy + cxx
-        i2 = czz * cyy + czz * cxx + cyy * cxx - czy * czy - czx * czx - cyx * cyx
-        i3 = czz * (cyy * cxx - cyx * cyx) - czy * (czy * cxx - cyx * czx) + czx * (czy * cyx - cyy * czx)
+        i1, i2, i3 = _invariants(czz, cyy, cxx, czy, czx, cyx)
         moment = torch.sqrt(torch.relu(i3 / (i2 + self.eps)) / (i1 + self.eps))
         half = (cyy + cxx) / 2.0
         disc = torch.sqrt((cyy - cxx) * (cyy - cxx) / 4.0 + cyx * cyx)

@@ -28,6 +28,7 @@ from m2anet.io import atomic_path, sha256_file
 from m2anet.metrics import accuracy_threshold, binary_metrics, dice, roc_auc, sigmoid, youden_threshold
 from m2anet.model import ContourOutline, M2ANet, config_dict, create_model
 from m2anet.preprocess import short_axis_mm
+from m2anet.weights import FITTED_AFTER_TRAINING
 
 
 class TrainRecipe(TypedDict):
@@ -429,7 +430,11 @@ def fit_outline_term(
     t0 = time.time()
     dev = TrainDevice(device, "fp32")
     model = dev.prepare(create_model(name, weights=str(init)))
-    fitted = fit_outline(model, load_split("train", n=n_fit, seed=OUTLINE_FIT_SEED))
+    classifier = dev.prepare(create_model(name, heads="cls", weights=str(init)))  # the fit needs no decoder
+    fitted = fit_outline(classifier, load_split("train", n=n_fit, seed=OUTLINE_FIT_SEED))
+    with torch.no_grad():
+        for key in FITTED_AFTER_TRAINING:
+            getattr(model, key).copy_(getattr(classifier, key))
     record = {
         "model": config_dict(name),
         "init": _init_record(init),

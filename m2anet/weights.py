@@ -77,8 +77,9 @@ def load_weights(model: torch.nn.Module, name_or_path: str | Path) -> Path:
             )
     state = _read_state(path)
     expected = model.state_dict()
+    unfitted = FITTED_AFTER_TRAINING & (expected.keys() - state.keys())
     for key, value in expected.items():
-        if key not in state and key in FITTED_AFTER_TRAINING:
+        if key in unfitted:
             continue
         if key not in state:
             raise WeightsError(
@@ -95,7 +96,7 @@ def load_weights(model: torch.nn.Module, name_or_path: str | Path) -> Path:
         raise WeightsError(
             f"{path}: unexpected key {unexpected[0]!r}: the checkpoint was made for another config"
         )
-    if FITTED_AFTER_TRAINING & (expected.keys() - state.keys()):
+    if unfitted:
         model.reset_outline()  # type: ignore[operator]  # only M2ANet has these keys
     model.load_state_dict({k: state.get(k, v) for k, v in expected.items()})
     return path

@@ -98,6 +98,14 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _write(model: torch.nn.Module, record: dict, out: Path, name: str) -> Path:
+    """OUT/<name>.safetensors (the threshold in its metadata) and its record beside it."""
+    weights = out / f"{name}.safetensors"
+    save_weights(model, weights, metadata={"model": name, "threshold": repr(record["threshold"])})
+    write_json(weights.with_suffix(".json"), record)
+    return weights
+
+
 @interruptible("m2a-train")
 def main(argv: list[str] | None = None) -> int:
     ap = parser()
@@ -125,11 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.init is None:
                 ap.error("--fit-outline fits the outline term of trained weights: give them with --init")
             model, record = fit_outline_term(args.model, args.init, args.device, args.threshold_rule)
-            weights = args.out / f"{args.model}.safetensors"
-            save_weights(
-                model, weights, metadata={"model": args.model, "threshold": repr(record["threshold"])}
-            )
-            write_json(weights.with_suffix(".json"), record)
+            weights = _write(model, record, args.out, args.model)
             fit, t, f = record["outline_fit"]["fit_auc"], record["test"], record["fresh"]
             print(
                 f"{args.model}: outline term fitted on {record['outline_fit']['nodes']} nodes (AUC there "
@@ -157,13 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"m2a-train: error: {e}", file=sys.stderr)
         return 2
-    weights = args.out / f"{args.model}.safetensors"
-    save_weights(
-        model,
-        weights,
-        metadata={"model": args.model, "threshold": repr(record["threshold"])},
-    )
-    write_json(weights.with_suffix(".json"), record)
+    weights = _write(model, record, args.out, args.model)
     if not record["stopped_early"]:  # a run cut by --max-minutes continues from it when rerun
         checkpoint.unlink(missing_ok=True)
     t, b = record["test"], record["test_size_rule"]["contour"]

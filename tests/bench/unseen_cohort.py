@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from m2anet import create_model
-from m2anet.cohort_study import measure, radiomics_reader, readers
+from m2anet.cohort_study import measure, radiomics_reader, reader_scores, readers
 from m2anet.data import FRESH_NODES, SPLITS, load_split
-from m2anet.metrics import binary_metrics, roc_auc, sigmoid
+from m2anet.metrics import sigmoid
 from m2anet.parity import bootstrap_auc_difference
 from m2anet.weights import training_record
 
@@ -44,14 +44,6 @@ def logits(name: str, ct: np.ndarray, mask: np.ndarray, batch: int = 16) -> tupl
     return np.concatenate(head), torch.cat(shipped).numpy()
 
 
-def scores(label: np.ndarray, logit: np.ndarray, threshold: float) -> dict[str, float]:
-    return {
-        **binary_metrics(label, sigmoid(logit), threshold),
-        "auc": roc_auc(label, logit),
-        "threshold": threshold,
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=FRESH_NODES)
@@ -70,10 +62,9 @@ def main() -> None:
     for name in MODELS:
         record = training_record(name)
         head, shipped = logits(name, cohort.ct, cohort.mask)
-        report[f"{name} as trained"] = scores(
-            cohort.label, head, record["init"]["previous_record"]["threshold"]
-        )
-        report[f"{name} shipped"] = scores(cohort.label, shipped, record["threshold"])
+        trained_threshold = record["init"]["previous_record"]["threshold"]
+        report[f"{name} as trained"] = reader_scores(cohort.label, sigmoid(head), trained_threshold)
+        report[f"{name} shipped"] = reader_scores(cohort.label, sigmoid(shipped), record["threshold"])
         report[f"{name} outline gain ci95"] = bootstrap_auc_difference(cohort.label, head, shipped)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "unseen_cohort.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
