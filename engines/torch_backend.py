@@ -176,10 +176,9 @@ def inductor_cache_dir(folder: str | Path | None = None) -> Path:
     return path
 
 
-def compile_options(mode: str, freezing: bool) -> dict[str, Any]:
-    """Inductor options of `mode` (torch.compile takes a mode or options, not both), plus `freezing`: the
-    weights become constants, so BatchNorm folds into the convolutions and autocast's half-precision
-    weight copies are made once instead of on every call."""
+def compile_options(mode: str) -> dict[str, Any]:
+    """Inductor options of `mode` (torch.compile takes a mode or options, not both), with the FX graph cache
+    on."""
     from torch._inductor import list_mode_options
 
     try:
@@ -187,7 +186,29 @@ def compile_options(mode: str, freezing: bool) -> dict[str, Any]:
     except KeyError:
         modes = ", ".join(list_mode_options())
         raise ValueError(f"torch.compile mode {mode!r} does not exist: use one of {modes}") from None
-    return {**options, "freezing": freezing, "fx_graph_cache": True}
+    return {**options, "fx_graph_cache": True}
+
+
+def compiled(model: torch.nn.Module, mode: str, freezing: bool, dynamic: bool | None) -> Callable[..., Any]:
+    """torch.compile of `model` in inductor's `mode`; with `freezing` the weights become constants, so
+    BatchNorm folds into the convolutions, autocast's weight casts are made once, and the weights keep the
+    model's memory format.
+
+    Dynamo decides whether weights are constants or graph inputs when it traces, from inductor's global
+    `freezing` setting: given only in torch.compile's options, which reach inductor after the trace,
+    freezing finds the weights lifted to inputs and does nothing. Every compiled half-precision graph of
+    m2anet ran that way up to the fourth H200 run: BatchNorm computed at runtime, each weight cast on every
+    call into a new NCDHW tensor, and cuDNN transposing around the convolutions (docs/gpu.md). So each
+    call, where dynamo may trace, runs with the setting patched in."""
+    from torch._inductor import config
+
+    forward = torch.compile(model, options=compile_options(mode), dynamic=dynamic)
+
+    def run(*args: torch.Tensor) -> Any:
+        with config.patch(freezing=freezing):
+            return forward(*args)
+
+    return run
 
 
 def memory_format(device_type: str, precision: str, channels_last: bool | None = None) -> torch.memory_format:
@@ -279,7 +300,7 @@ def cast_weights_once(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mo
 
 
 def _inductor_graphs(mode: str) -> bool:
-    return bool(compile_options(mode, False).get("triton.cudagraphs"))
+    return bool(compile_options(mode).get("triton.cudagraphs"))
 
 
 class TorchBackend(Backend):
@@ -351,7 +372,7 @@ class TorchBackend(Backend):
         self.name = "torch-compile" if compile else "torch"
         if compile:
             inductor_cache_dir(cache_dir)
-            self.forward = torch.compile(self.model, options=compile_options(mode, freezing), dynamic=dynamic)
+            self.forward = compiled(self.model, mode, freezing, dynamic)
         self.autocast = _AUTOCAST.get(precision)
         if self.autocast is not None and not compile:  # inductor's freezing folds the casts by itself
             cast_weights_once(self.model, self.autocast)

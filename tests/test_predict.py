@@ -1,6 +1,7 @@
 import csv
 import gzip
 import json
+import locale
 import os
 import struct
 import subprocess
@@ -241,6 +242,16 @@ def _run(capsys, small, ct, nodes, out):
 
 
 def _write_dicom_series(image, folder, series_uid):
+    """ITK's GDCM writer leaves the process in the "C" locale (ASCII text I/O for everything that runs later
+    in the test session, torch's inductor templates included): it is put back. m2anet only reads DICOM."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_dicom_slices(image, folder, series_uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(image, folder, series_uid):
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetDepth()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from m2anet.engines.torch_backend import (
     TorchBackend,
     cast_weights_once,
     channels_last,
+    compiled,
     folds_batchnorm,
     inductor_cache_dir,
     math_flags,
@@ -229,6 +231,38 @@ def test_weights_cast_once_give_autocasts_result_bit_for_bit(dtype):
         got = cast_weights_once(net, dtype)(x)
     assert torch.equal(got, want)
     assert net[0].weight.dtype == net[3].bias.dtype == dtype and net[1].weight.dtype == torch.float32
+
+
+def test_compiled_weights_are_frozen_into_the_graph(monkeypatch, tmp_path):
+    """With `freezing` the compiled graph takes the input alone: BatchNorm folded, autocast's weight casts
+    made at compile time, the weights' channels-last layout kept, so every convolution runs NDHWC. Given
+    only in torch.compile's options, freezing left all of that undone (the weights were graph inputs)."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(config.cpp, "weight_prepack", False)  # the aten convolutions CUDA runs
+    monkeypatch.setattr(config, "compile_threads", 1)  # no pool of compile workers to start
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 8, 3, padding=1, bias=False), torch.nn.BatchNorm3d(8), torch.nn.ReLU(),
+        torch.nn.Conv3d(8, 8, 3, padding=1),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1), net[1].running_var.uniform_(0.5, 2)
+    net = net.to(memory_format=CL)
+    x = channels_last(torch.randn(2, 1, 4, 8, 8))
+    run = compiled(net, "default", freezing=True, dynamic=False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        got, (code,) = run_and_get_code(run, x)
+        want = net(x)
+    call = code[code.index("def call(self, args):") :]
+    assert len(re.findall(r"arg\d+_\d+", call.splitlines()[1])) == 1  # else 8: weights and statistics too
+    assert "batch_norm" not in call
+    convolutions = re.findall(
+        r"assert_size_stride\(\w+, \([^)]*\), \(([^)]*)\), 'torch.ops.aten.convolution", call
+    )
+    assert [s.split(", ")[1] for s in convolutions] == ["1", "1"]  # channels-last: C has stride 1
+    torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
 
 
 def test_inductor_cache_dir_precedence(monkeypatch, tmp_path):
