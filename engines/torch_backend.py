@@ -308,7 +308,9 @@ class TorchBackend(Backend):
 
     On the CPU a batch of one falls into `aten::slow_conv3d_forward` instead of oneDNN (about
     3x slower per node than batch 2 on the reference machine); `pad_single=True` (default)
-    runs a single node as a batch of two and drops the copy, so users are not left on it.
+    runs a single node as a batch of two and drops the copy, so users are not left on it. The two are
+    a real copy: an expanded batch (stride 0) made torch.compile's frozen oneDNN convolutions return
+    another layout than inductor had planned for (an AssertionError in m2a-verify of m2anet_base).
 
     On CUDA: `precision` fp32 | tf32 | fp16 | bf16 (module doc); `channels_last` (default on for fp16 and
     bf16) puts weights and inputs in NDHWC; `cuda_graphs` replays one captured CUDA graph per batch size
@@ -408,7 +410,7 @@ class TorchBackend(Backend):
         """Tensors already on the backend's device go in without a copy."""
         single = self.pad_single and ct.shape[0] == 1
         if single:
-            ct, mask = ct.expand(2, -1, -1, -1, -1), mask.expand(2, -1, -1, -1, -1)
+            ct, mask = ct.repeat(2, 1, 1, 1, 1), mask.repeat(2, 1, 1, 1, 1)
         if self.channels_last:
             ct, mask = channels_last(ct), channels_last(mask)
         out = self.graphs(ct, mask) if self.graphs is not None else self._call(ct, mask)

@@ -210,6 +210,22 @@ def test_channels_last_inputs_are_restrided_not_copied_and_run_on_the_cpu():
     np.testing.assert_allclose(got[1], ref[1], atol=1e-3)
 
 
+def test_a_single_node_on_the_cpu_runs_as_a_real_pair():
+    """Padded to two nodes by copying, not by expanding to a stride-0 batch, which torch.compile's frozen
+    oneDNN convolutions answered in another layout than inductor planned (an AssertionError)."""
+    cohort = load_split("calib", n=1)
+    seen = []
+    with TorchBackend("m2anet_small") as backend:
+        forward = backend.forward
+        backend.forward = lambda ct, mask: (
+            seen.append((ct.shape, ct.stride(), mask.stride())) or forward(ct, mask)
+        )
+        got = backend.infer(cohort.ct, cohort.mask)
+    ((shape, *strides),) = seen
+    assert shape[0] == 2 and all(0 not in s for s in strides)
+    assert got[0].shape == (1, 1) and got[1].shape == (1, 1, *cohort.ct.shape[2:])
+
+
 def test_batchnorm_is_folded_on_request():
     cohort = load_split("calib", n=2)
     norms = lambda b: sum(isinstance(m, torch.nn.BatchNorm3d) for m in b.model.modules())  # noqa: E731
