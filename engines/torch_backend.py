@@ -196,10 +196,9 @@ def compiled(model: torch.nn.Module, mode: str, freezing: bool, dynamic: bool | 
 
     Dynamo decides whether weights are constants or graph inputs when it traces, from inductor's global
     `freezing` setting: given only in torch.compile's options, which reach inductor after the trace,
-    freezing finds the weights lifted to inputs and does nothing. Every compiled half-precision graph of
-    m2anet ran that way up to the fourth H200 run: BatchNorm computed at runtime, each weight cast on every
-    call into a new NCDHW tensor, and cuDNN transposing around the convolutions (docs/gpu.md). So each
-    call, where dynamo may trace, runs with the setting patched in."""
+    freezing finds the weights lifted to inputs and does nothing: BatchNorm runs at runtime and each weight
+    is cast on every call into a new NCDHW tensor, which cuDNN transposes (docs/gpu.md). So each call,
+    where dynamo may trace, runs with the setting patched in."""
     from torch._inductor import config
 
     forward = torch.compile(model, options=compile_options(mode), dynamic=dynamic)
