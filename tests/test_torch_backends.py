@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +44,19 @@ from m2anet.weights import shipped_weights
 REPO = Path(__file__).resolve().parent.parent
 CL = torch.channels_last_3d
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-_spec = importlib.util.spec_from_file_location("gpu_check", REPO / "ci" / "gpu_check.py")
-assert _spec is not None and _spec.loader is not None
-gpu_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_check)
+
+
+def _script(path: Path):
+    """A script of the repository (not an installed module), imported from its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _script(REPO / "ci" / "gpu_check.py")
+compiled_layout = _script(REPO / "tests" / "bench" / "compiled_layout.py")
 
 
 # --- precisions and options -------------------------------------------------------------------
@@ -271,13 +279,10 @@ def test_compiled_weights_are_frozen_into_the_graph(monkeypatch, tmp_path):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         got, (code,) = run_and_get_code(run, x)
         want = net(x)
-    call = code[code.index("def call(self, args):") :]
-    assert len(re.findall(r"arg\d+_\d+", call.splitlines()[1])) == 1  # else 8: weights and statistics too
-    assert "batch_norm" not in call
-    convolutions = re.findall(
-        r"assert_size_stride\(\w+, \([^)]*\), \(([^)]*)\), 'torch.ops.aten.convolution", call
-    )
-    assert [s.split(", ")[1] for s in convolutions] == ["1", "1"]  # channels-last: C has stride 1
+    facts = compiled_layout.graph_facts(code)
+    assert facts["graph inputs"] == 1  # else 8: weights and statistics too
+    assert facts["BatchNorm in the graph"] is False
+    assert facts["NDHWC convolutions"] == "2 of 2"  # channels-last: C has stride 1
     torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
 
 

@@ -33,8 +33,12 @@ def inspect(model_name: str, batch: int, device: str, freezing: bool) -> dict[st
     dtype = torch.bfloat16 if device == "cpu" else torch.float16
     with torch.no_grad(), torch.autocast(device, dtype=dtype, cache_enabled=False):
         _, codes = run_and_get_code(run, ct, mask)
-    call = "\n".join(codes)
-    call = call[call.index("def call(self, args):") :]
+    return graph_facts("\n".join(codes))
+
+
+def graph_facts(code: str) -> dict[str, object]:
+    """What the generated code's `call` takes and launches (tests/test_torch_backends.py reads it too)."""
+    call = code[code.index("def call(self, args):") :]
     strides = [s.split(", ") for s in CONV_OUT.findall(call)]
     return {
         "graph inputs": len(re.findall(r"arg\d+_\d+", call.splitlines()[1])),
