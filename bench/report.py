@@ -97,7 +97,8 @@ def _gflops(peaks: dict[str, Any]) -> str:
     rates = ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks["flops"].items())
     return (
         f"{rates}; copy {peaks['bandwidth'] / 1e9:,.1f} GB/s (matmul {peaks['matmul_size']}², measured here: "
-        f"the fastest of {peaks.get('measurements', 1)}, before the first backend and after each)"
+        f"the fastest of {peaks.get('measurements', 1)}, before the first backend and after each, or after "
+        "each step when interleaved)"
     )
 
 
@@ -125,6 +126,17 @@ def markdown(report: dict[str, Any]) -> str:
         "relative to PyTorch eager FP32 on the same device (>1 is faster); % of floor is the arithmetic "
         "floor over the measured time.",
         "",
+    ]
+    settings = report.get("settings", {})
+    if settings.get("interleaved"):
+        lines += [
+            "The backends were measured interleaved: every step in rounds of alternating slices (about "
+            f"{settings['rounds']} per backend, fewer where one call outlasts a slice), so a machine that "
+            "slowed down for a while slowed them all alike. With every backend open at once, torch's peak "
+            "memory is not one backend's and is left out.",
+            "",
+        ]
+    lines += [
         "| backend | precision | scenario | batch | ms/node | nodes/s | p50 ms | p99 ms | x torch fp32 "
         "| floor ms/node | % of floor | J/node | queries (warm-up) | notes |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",

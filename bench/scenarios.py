@@ -6,11 +6,15 @@
 
 Warm-up queries (at least a count and a time) are excluded and counted; a step runs until both a
 minimum duration and a minimum query count are reached. Inputs rotate among several batches drawn
-from the calibration split, so a cache holding the last input is not what gets measured.
+from the calibration split, so a cache holding the last input is not what gets measured. Several
+backends can share a step in alternating slices (`run_interleaved`), so their ratios are same-time ones.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +44,10 @@ class Settings:
     """An offline point is a throughput, not a tail: a few large batches over the duration suffice."""
     offline_depth: int = 4
     """Queries a GPU runner enqueues before it waits, so launch gaps do not count against throughput."""
+    interleaved: bool = False
+    """Backends measured side by side, step by step, in alternating slices (`run_interleaved`)."""
+    rounds: int = 8
+    """Interleaved: the slices each backend's share of a step is cut into."""
 
 
 class Inputs:
@@ -156,35 +164,53 @@ def warm_up(runner: Runner, settings: Settings) -> tuple[int, float]:
     return count, time.perf_counter() - t0
 
 
-def measure(runner: Runner, settings: Settings, min_queries: int, ahead: int) -> dict[str, Any]:
-    """Run until both the duration and the query count are reached; every latency is kept."""
-    latencies: list[int] = []
-    split: list[tuple[float, float, float]] = []
-    start = time.perf_counter_ns()
-    while True:
-        lat, dev = runner.run(len(latencies), ahead)
-        latencies += lat
-        split += dev or []
-        wall = time.perf_counter_ns() - start
-        if len(latencies) >= min_queries and wall >= settings.duration_s * 1e9:
-            break
-    step: dict[str, Any] = {
-        "queries": len(latencies),
-        "wall_s": wall / 1e9,
-        "timer": runner.timer,
-        "enqueued_ahead": ahead > 1,
-        "queue_depth": ahead,
-        "latency_source": "wall clock" if ahead == 1 else "cuda events",
-        "samples_ns": latencies,
-        "latency_ms": summarize(latencies, 1e-6),
-        "device_ms": None,
-        "device_samples_ms": None,
-    }
-    if split:
-        parts = dict(zip(("h2d", "compute", "d2h"), zip(*split, strict=True), strict=True))
-        step["device_ms"] = {k: summarize(v) for k, v in parts.items()}
-        step["device_samples_ms"] = {k: list(v) for k, v in parts.items()}
-    return step
+class Measurement:
+    """One runner's measured queries of one step: in one go, or in slices between other runners' (an
+    interleaved run). Its wall time is the sum of its own slices."""
+
+    def __init__(self, runner: Runner, settings: Settings, min_queries: int, ahead: int) -> None:
+        self.runner, self.settings, self.min_queries, self.ahead = runner, settings, min_queries, ahead
+        self.latencies: list[int] = []
+        self.split: list[tuple[float, float, float]] = []
+        self.wall_ns = self.slices = 0
+
+    def done(self, running_ns: int = 0) -> bool:
+        """Both the duration and the query count reached (counting a slice still running)."""
+        enough = self.wall_ns + running_ns >= self.settings.duration_s * 1e9
+        return enough and len(self.latencies) >= self.min_queries
+
+    def advance(self, seconds: float) -> None:
+        """Queries until `seconds` have passed or the measurement is done; at least one call."""
+        start = time.perf_counter_ns()
+        while True:
+            lat, dev = self.runner.run(len(self.latencies), self.ahead)
+            self.latencies += lat
+            self.split += dev or []
+            elapsed = time.perf_counter_ns() - start
+            if elapsed >= seconds * 1e9 or self.done(elapsed):
+                break
+        self.wall_ns += elapsed
+        self.slices += 1
+
+    def step(self) -> dict[str, Any]:
+        step: dict[str, Any] = {
+            "queries": len(self.latencies),
+            "wall_s": self.wall_ns / 1e9,
+            "slices": self.slices,
+            "timer": self.runner.timer,
+            "enqueued_ahead": self.ahead > 1,
+            "queue_depth": self.ahead,
+            "latency_source": "wall clock" if self.ahead == 1 else "cuda events",
+            "samples_ns": self.latencies,
+            "latency_ms": summarize(self.latencies, 1e-6),
+            "device_ms": None,
+            "device_samples_ms": None,
+        }
+        if self.split:
+            parts = dict(zip(("h2d", "compute", "d2h"), zip(*self.split, strict=True), strict=True))
+            step["device_ms"] = {k: summarize(v) for k, v in parts.items()}
+            step["device_samples_ms"] = {k: list(v) for k, v in parts.items()}
+        return step
 
 
 def plan(scenarios: tuple[str, ...], settings: Settings) -> list[tuple[str, int]]:
@@ -200,6 +226,53 @@ def plan(scenarios: tuple[str, ...], settings: Settings) -> list[tuple[str, int]
     return steps
 
 
+class StepRun:
+    """One backend through one step: warmed up when made, then measured in slices, each under NVML
+    telemetry on a GPU, with the peak of torch's allocator when the backend runs alone."""
+
+    def __init__(
+        self, backend: Backend, scenario: str, batch: int, settings: Settings, inputs: Inputs, alone: bool
+    ) -> None:
+        self.scenario, self.batch = scenario, batch
+        runner = make_runner(backend, inputs.batches(batch, settings.rotate))
+        offline = scenario == "offline"
+        min_queries = settings.offline_min_queries if offline else settings.min_queries
+        ahead = settings.offline_depth if offline and isinstance(runner, CudaRunner) else 1
+        self.warm, self.warm_s = warm_up(runner, settings)
+        self.measurement = Measurement(runner, settings, min_queries, ahead)
+        self.telemetry = Telemetry(backend.device) if is_cuda(backend) else None
+        # torch's allocator holds the buffers of the torch and TensorRT runners, not ONNX Runtime's; with
+        # other backends open beside this one it holds theirs too, and its peak is not this backend's
+        self.gpu = runner.dev if alone and isinstance(runner, CudaRunner) else None
+        self.peak_mib: float | None = None
+
+    def slice(self, seconds: float) -> None:
+        import torch
+
+        if self.gpu is not None:
+            torch.cuda.reset_peak_memory_stats(self.gpu)
+        with self.telemetry or contextlib.nullcontext():
+            self.measurement.advance(seconds)
+        if self.gpu is not None:
+            self.peak_mib = max(self.peak_mib or 0.0, torch.cuda.max_memory_allocated(self.gpu) / 2**20)
+
+    def result(self) -> dict[str, Any]:
+        step = self.measurement.step()
+        nodes = step["queries"] * self.batch
+        step.update(
+            telemetry=None if self.telemetry is None else self.telemetry.summary(nodes),
+            torch_peak_memory_mib=self.peak_mib,
+            scenario=self.scenario,
+            batch=self.batch,
+            warmup_queries=self.warm,
+            warmup_s=self.warm_s,
+            nodes=nodes,
+            ms_per_node=step["wall_s"] * 1e3 / nodes,
+            nodes_per_s=nodes / step["wall_s"],
+        )
+        return step
+
+
 def run_backend(
     backend: Backend,
     scenarios: tuple[str, ...],
@@ -211,40 +284,40 @@ def run_backend(
     """Every step of `scenarios` on one open backend; GPU steps carry NVML telemetry. Each finished
     step is appended to `results` (a new list by default) at once, so a caller interrupted mid-way
     keeps the steps that finished."""
-    cuda = is_cuda(backend)
     results = [] if results is None else results
     for scenario, batch in plan(scenarios, settings):
-        runner = make_runner(backend, inputs.batches(batch, settings.rotate))
-        offline = scenario == "offline"
-        min_queries = settings.offline_min_queries if offline else settings.min_queries
-        ahead = settings.offline_depth if offline and isinstance(runner, CudaRunner) else 1
-        warm, warm_s = warm_up(runner, settings)
-        if cuda:
-            import torch
-
-            # torch's allocator holds the buffers of the torch and TensorRT runners, not ONNX Runtime's
-            gpu = runner.dev if isinstance(runner, CudaRunner) else None
-            if gpu is not None:
-                torch.cuda.reset_peak_memory_stats(gpu)
-            with Telemetry(backend.device if backend.device.startswith("cuda") else "cuda") as tel:
-                step = measure(runner, settings, min_queries, ahead)
-            step["telemetry"] = tel.summary(step["queries"] * batch)
-            peak = None if gpu is None else torch.cuda.max_memory_allocated(gpu) / 2**20
-        else:
-            step = measure(runner, settings, min_queries, ahead)
-            step["telemetry"] = peak = None
-        step["torch_peak_memory_mib"] = peak
-        nodes = step["queries"] * batch
-        step.update(
-            scenario=scenario,
-            batch=batch,
-            warmup_queries=warm,
-            warmup_s=warm_s,
-            nodes=nodes,
-            ms_per_node=step["wall_s"] * 1e3 / nodes,
-            nodes_per_s=nodes / step["wall_s"],
-        )
-        results.append(step)
+        run = StepRun(backend, scenario, batch, settings, inputs, alone=True)
+        run.slice(math.inf)
+        results.append(run.result())
         if on_step is not None:
             on_step(scenario, batch)
     return results
+
+
+def run_interleaved(
+    backends: dict[int, Backend], scenario: str, batch: int, settings: Settings, inputs: Inputs
+) -> tuple[dict[int, dict[str, Any]], dict[int, Exception]]:
+    """One step on several open backends in rounds: each warms up, then every round gives each backend a
+    slice of `duration / rounds` seconds (at least one call), in order in even rounds and in reverse in
+    odd ones, until each is done. A machine that slows down for a while slows all of them alike, so their
+    ratios hold where back-to-back runs drift (an H200's IEEE FP32 single node measured 3.7 to 7.4 ms in
+    separate runs). The steps of the backends that ran, and the error of each that failed."""
+    runs: dict[int, StepRun] = {}
+    failed: dict[int, Exception] = {}
+    for key, backend in backends.items():
+        try:
+            runs[key] = StepRun(backend, scenario, batch, settings, inputs, alone=len(backends) == 1)
+        except Exception as e:  # one backend that cannot run this step must not cost the others theirs
+            failed[key] = e
+    share = settings.duration_s / settings.rounds
+    for r in itertools.count():
+        active = [key for key, run in runs.items() if not run.measurement.done()]
+        if not active:
+            break
+        for key in active if r % 2 == 0 else active[::-1]:
+            try:
+                runs[key].slice(share)
+            except Exception as e:
+                failed[key] = e
+                del runs[key]
+    return {key: run.result() for key, run in runs.items()}, failed

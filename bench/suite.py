@@ -8,6 +8,7 @@ The benchmarks measure; they never export: a folder without artifacts is an erro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shlex
 import sys
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from m2anet.bench import env, floor, report, scenarios, targets
 from m2anet.bench.scenarios import SCENARIOS, Inputs, Settings
 from m2anet.bench.server_scenario import ServerSettings, find_max_rate, run_server
-from m2anet.engines import BackendSpec
+from m2anet.engines import Backend, BackendSpec
 from m2anet.io import atomic_path, write_json
 from m2anet.manifest import MANIFEST, ArtifactError, read_manifest
 from m2anet.model import model_stats
@@ -45,6 +46,8 @@ class BenchOptions:
     """Offline sweep; None: 1, 2, 4, ... up to the manifest's profile maximum."""
     study_nodes: int = 24
     threads: int | None = None
+    interleave: bool = False
+    """Measure the backends side by side, step by step, in alternating slices (`Settings.interleaved`)."""
     out: Path | None = None
     matmul_size: int | None = None
     copy_mib: int | None = None
@@ -98,6 +101,7 @@ def plan(options: BenchOptions) -> tuple[list[BackendSpec], Settings]:
         warmup_s=options.warmup_s,
         study_nodes=options.study_nodes,
         batches=options.batches or _sweep(chosen, options.folder),
+        interleaved=options.interleave,
     )
     return chosen, settings
 
@@ -130,49 +134,114 @@ def describe(target: BackendSpec, model: str) -> dict[str, Any]:
     return info
 
 
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def _opened(info: dict[str, Any], backend: Backend, t0: float) -> None:
+    info.update(
+        device=backend.device,
+        device_kind="cuda" if scenarios.is_cuda(backend) else "cpu",
+        precision=backend.precision,
+        open_s=time.perf_counter() - t0,
+    )
+
+
 def measure_targets(
     options: BenchOptions, chosen: list[BackendSpec], settings: Settings
-) -> Iterator[dict[str, Any]]:
-    """Each target's description and steps, one target at a time, so a report can be saved after each.
-    After Ctrl-C the interrupted target comes with `interrupted` set and its finished steps, and the
-    run ends."""
+) -> Iterator[list[dict[str, Any]]]:
+    """Every target's description and steps, yielded after each target (or after each step when
+    interleaved) so a report can be saved as the run goes. After Ctrl-C the targets still running come
+    with `interrupted` set and their finished steps, and the run ends."""
     chosen_scenarios = SCENARIOS if options.scenario == "all" else (options.scenario,)
+    steps = len(scenarios.plan(chosen_scenarios, settings))
+    bar = tqdm(total=len(chosen) * steps, desc="m2a-bench", unit="step", file=sys.stderr)
+    run = _interleaved if settings.interleaved else _one_by_one
+    yield from run(options, chosen, settings, chosen_scenarios, Inputs(settings.pool), bar)
+    bar.close()
+
+
+def _one_by_one(
+    options: BenchOptions,
+    chosen: list[BackendSpec],
+    settings: Settings,
+    chosen_scenarios: tuple[str, ...],
+    inputs: Inputs,
+    bar: tqdm,
+) -> Iterator[list[dict[str, Any]]]:
     steps = scenarios.plan(chosen_scenarios, settings)
-    inputs = Inputs(settings.pool)
-    bar = tqdm(total=len(chosen) * len(steps), desc="m2a-bench", unit="step", file=sys.stderr)
+    results: list[dict[str, Any]] = []
     for target in chosen:
         info = describe(target, options.model)
+        results.append(info)
         bar.set_description(target.label)
         done = bar.n
         try:
             t0 = time.perf_counter()
             with targets.open_target(target, options.model, options.threads) as backend:
-                info.update(
-                    device=backend.device,
-                    device_kind="cuda" if scenarios.is_cuda(backend) else "cpu",
-                    precision=backend.precision,
-                    open_s=time.perf_counter() - t0,
-                )
+                _opened(info, backend, t0)
                 scenarios.run_backend(
                     backend, chosen_scenarios, settings, inputs, lambda *_: bar.update(1), info["steps"]
                 )
         except KeyboardInterrupt:
             info["interrupted"] = True
-            bar.close()
-            yield info
+            yield results
             return
         except Exception as e:  # one backend that cannot run here must not cost the others' numbers
-            first = (str(e).strip().splitlines() or [""])[0]
-            info["error"] = f"{type(e).__name__}: {first}"
-            info["steps"] = []
+            info["error"], info["steps"] = _error(e), []
             bar.update(done + len(steps) - bar.n)
-        yield info
-    bar.close()
+        yield results
+
+
+def _interleaved(
+    options: BenchOptions,
+    chosen: list[BackendSpec],
+    settings: Settings,
+    chosen_scenarios: tuple[str, ...],
+    inputs: Inputs,
+    bar: tqdm,
+) -> Iterator[list[dict[str, Any]]]:
+    """Every target open at once, each step measured on all of them in alternating slices
+    (`scenarios.run_interleaved`); a target that fails loses its steps and leaves the rest."""
+    steps = scenarios.plan(chosen_scenarios, settings)
+    results = [describe(target, options.model) for target in chosen]
+    with contextlib.ExitStack() as every:
+        running: dict[int, Backend] = {}
+        closers: dict[int, contextlib.ExitStack] = {}
+        try:
+            for i, target in enumerate(chosen):
+                bar.set_description(f"opening {target.label}")
+                t0 = time.perf_counter()
+                closers[i] = every.enter_context(contextlib.ExitStack())
+                try:
+                    opened = targets.open_target(target, options.model, options.threads)
+                    backend = closers[i].enter_context(opened)
+                except Exception as e:
+                    results[i]["error"] = _error(e)
+                    bar.update(len(steps))
+                    continue
+                _opened(results[i], backend, t0)
+                running[i] = backend
+            for k, (scenario, batch) in enumerate(steps):
+                bar.set_description(f"{scenario} batch {batch}")
+                measured, failed = scenarios.run_interleaved(running, scenario, batch, settings, inputs)
+                for i, step in measured.items():
+                    results[i]["steps"].append(step)
+                for i, error in failed.items():  # closed now, so its memory is not held from the others
+                    results[i]["error"], results[i]["steps"] = _error(error), []
+                    del running[i]
+                    closers[i].close()
+                bar.update(len(measured) + len(failed) * (len(steps) - k))
+                yield results
+        except KeyboardInterrupt:
+            for i in running:
+                results[i]["interrupted"] = True
+            yield results
 
 
 def measure_floors(options: BenchOptions, chosen: list[BackendSpec]) -> dict[str, floor.Peaks]:
     """Measured before the backends run, so a run cut short still saves a complete report (and again
-    after each backend, by `run_bench`)."""
+    after each backend, or each step when interleaved, by `run_bench`)."""
     kinds = dict.fromkeys(describe(t, options.model)["device_kind"] for t in chosen)
     if not torch.cuda.is_available():
         kinds.pop("cuda", None)  # those targets fail to open and say so in the report
@@ -194,18 +263,20 @@ def run_bench(options: BenchOptions) -> BenchRun:
     full: dict[str, Any] = {}
     paths: dict[str, Path] = {}
     interrupted = False
-    for info in measure_targets(options, chosen, settings):
-        interrupted = info.get("interrupted", False)
-        results.append(info)
+    for results in measure_targets(options, chosen, settings):
+        interrupted = any(r.get("interrupted") for r in results)
         if not interrupted:  # the peaks again, 0.1 s per rate (gpu-check is short of time); the best kept
             floors = {
                 k: f.fastest(floor.measure(k, f.matmul_size, f.copy_bytes, 0.1)) for k, f in floors.items()
             }
-        if not info["error"]:
+        for info in results:
             key = report.model_key(info["model"], info["heads"])
-            models[key] = models.get(key) or model_stats(info["model"], info["heads"])
+            if not info["error"] and key not in models:
+                models[key] = model_stats(info["model"], info["heads"])
         full = report.build(environment, floors, models, results, asdict(settings), command)
-        paths = report.write(full, out, plots=len(results) == len(chosen) and not interrupted)
+        paths = report.write(full, out, plots=False)
+    if full and not interrupted:
+        paths = report.write(full, out, plots=True)
     return BenchRun(full, paths, [r["backend"] for r in results if r["error"]], interrupted)
 
 
@@ -244,7 +315,7 @@ def run_server_bench(options: BenchOptions, load: ServerOptions) -> tuple[dict[s
                 search = find_max_rate(factory, inputs, settings, load.p99_ms, max_runs=load.max_runs)
                 info["server"] = search.to_dict()
         except Exception as e:  # as in measure_targets: one backend that cannot run costs only its row
-            info["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+            info["error"] = _error(e)
         rows.append(info)
     full = {
         "schema": report.SCHEMA,

@@ -109,17 +109,21 @@ def _span(values: list[float]) -> dict[str, float] | None:
     return {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
 
 
-def summarize(samples: list[Sample], seconds: float, energy_mj: float | None, nodes: int) -> dict[str, Any]:
-    """Summary of one run; energy from NVML's counter when the GPU has one, else integrated power."""
+def summarize(
+    spans: list[list[Sample]], seconds: float, energy_mj: float | None, nodes: int
+) -> dict[str, Any]:
+    """Summary of one run, sampled in one span or in several (an interleaved run's slices); energy from
+    NVML's counter when the GPU has one, else power integrated within each span, never across the gap
+    between two."""
+    samples = [s for span in spans for s in span]
     power = [(s.t, s.power_w) for s in samples if s.power_w is not None]
     source = "counter"
     energy = None if energy_mj is None else energy_mj / 1000.0
     if energy is None and power:
         source = "power samples"
-        if len(power) > 1:
-            energy = sum((t1 - t0) * (p0 + p1) / 2 for (t0, p0), (t1, p1) in itertools.pairwise(power))
-        else:
-            energy = power[0][1] * seconds
+        within = [[(s.t, s.power_w) for s in span if s.power_w is not None] for span in spans]
+        pairs = [(t1 - t0) * (p0 + p1) / 2 for w in within for (t0, p0), (t1, p1) in itertools.pairwise(w)]
+        energy = sum(pairs) if pairs else power[0][1] * seconds
     mask = 0
     for s in samples:
         mask |= s.reasons or 0
@@ -145,7 +149,8 @@ def summarize(samples: list[Sample], seconds: float, energy_mj: float | None, no
 
 
 class Telemetry:
-    """Samples one GPU on a thread between __enter__ and __exit__; `summary(nodes)` afterwards.
+    """Samples one GPU on a thread between __enter__ and __exit__; `summary(nodes)` afterwards. Entered
+    again, it adds a span: an interleaved run samples each backend only during its own slices.
 
     On a machine without NVML it samples nothing and `summary` says why, so callers need no branch.
     """
@@ -155,12 +160,12 @@ class Telemetry:
         self.reason = nvml_missing_reason()
         if self.reason:
             say_nvml_missing(self.reason)
-        self._samples: list[Sample] = []
+        self._spans: list[list[Sample]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._h: Any = None
         self._energy0: int | None = None
-        self._energy_mj: float | None = None
+        self._energy_mj: float | None = 0.0
         self._t0 = self._seconds = 0.0
 
     def __enter__(self) -> Telemetry:
@@ -169,14 +174,17 @@ class Telemetry:
         self._h = _handle(self.device)
         self._energy0 = _read(pynvml.nvmlDeviceGetTotalEnergyConsumption, self._h)
         self._t0 = time.perf_counter()
-        self._samples = [_sample(self._h)]
-        self._thread = threading.Thread(target=self._loop, name="m2a-bench-nvml", daemon=True)
+        self._spans.append([_sample(self._h)])
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._loop, args=(self._spans[-1],), name="m2a-bench-nvml", daemon=True
+        )
         self._thread.start()
         return self
 
-    def _loop(self) -> None:
+    def _loop(self, span: list[Sample]) -> None:
         while not self._stop.wait(self.interval_s):
-            self._samples.append(_sample(self._h))
+            span.append(_sample(self._h))
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -185,13 +193,17 @@ class Telemetry:
             return
         self._stop.set()
         self._thread.join()
-        self._samples.append(_sample(self._h))
-        self._seconds = time.perf_counter() - self._t0
+        self._thread = None
+        self._spans[-1].append(_sample(self._h))
+        self._seconds += time.perf_counter() - self._t0
         energy1 = _read(pynvml.nvmlDeviceGetTotalEnergyConsumption, self._h)
-        if self._energy0 is not None and energy1 is not None:
-            self._energy_mj = float(energy1 - self._energy0)
+        if self._energy0 is None or energy1 is None or self._energy_mj is None:
+            self._energy_mj = None  # one span without the counter: integrate power over all of them
+        else:
+            self._energy_mj += float(energy1 - self._energy0)
 
     def summary(self, nodes: int) -> dict[str, Any]:
         if self.reason is not None:
             return {"available": False, "reason": self.reason}
-        return summarize(self._samples, self._seconds, self._energy_mj, nodes)
+        energy = self._energy_mj if self._spans else None
+        return summarize(self._spans, self._seconds, energy, nodes)

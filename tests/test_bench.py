@@ -169,16 +169,19 @@ def test_telemetry_summary_flags_throttling_and_energy():
         telemetry.Sample(1.0, 300.0, 2 << 30, 1410, 2619, 60, cap),
         telemetry.Sample(2.0, 100.0, 1 << 30, 1980, 2619, 55, 0),
     ]
-    s = telemetry.summarize(samples, 2.0, energy_mj=None, nodes=100)
+    s = telemetry.summarize([samples], 2.0, energy_mj=None, nodes=100)
     assert s["energy_j"] == pytest.approx(400.0) and s["energy_source"] == "power samples"
     assert s["joules_per_node"] == pytest.approx(4.0)
     assert s["throttled"] and s["throttle_reasons"] == ["sw_power_cap"]
     assert s["clock_reasons"] == ["gpu_idle", "sw_power_cap"]
     assert s["memory_used_mib_peak"] == 2048 and s["temperature_c_max"] == 60
     assert s["sm_clock_mhz"]["min"] == 1410
-    counted = telemetry.summarize(samples[2:], 2.0, energy_mj=5000.0, nodes=10)
+    counted = telemetry.summarize([samples[2:]], 2.0, energy_mj=5000.0, nodes=10)
     assert counted["energy_j"] == 5.0 and counted["energy_source"] == "counter"
     assert not counted["throttled"]
+    # an interleaved run samples a backend in slices: power is integrated within each, not across the gap
+    gap = [samples[:2], [telemetry.Sample(t, 100.0, None, None, None, None, 0) for t in (9.0, 10.0)]]
+    assert telemetry.summarize(gap, 2.0, energy_mj=None, nodes=1)["energy_j"] == pytest.approx(300.0)
 
 
 @needs_gpu
@@ -207,16 +210,64 @@ class FakeRunner:
         return [1_000_000] * n, None
 
 
+def measure(runner, settings, min_queries):
+    """A step measured in one go, as a backend alone runs it."""
+    measurement = scenarios.Measurement(runner, settings, min_queries, ahead=1)
+    measurement.advance(math.inf)
+    return measurement.step()
+
+
 def test_warm_up_is_excluded_and_counted_and_minimums_hold():
     settings = scenarios.Settings(duration_s=0.0, min_queries=5, warmup_s=0.0, warmup_queries=3)
     runner = FakeRunner()
     assert scenarios.warm_up(runner, settings)[0] == 3
-    step = scenarios.measure(runner, settings, settings.min_queries, ahead=1)
+    step = measure(runner, settings, settings.min_queries)
     assert step["queries"] == 5 and runner.calls == 8 and step["latency_ms"]["p50"] == 1.0
-    timed = scenarios.measure(FakeRunner(), scenarios.Settings(duration_s=0.05), 1, ahead=1)
-    assert timed["wall_s"] >= 0.05 and timed["queries"] == len(timed["samples_ns"])
+    timed = measure(FakeRunner(), scenarios.Settings(duration_s=0.05), 1)
+    assert timed["wall_s"] >= 0.05 and timed["queries"] == len(timed["samples_ns"]) and timed["slices"] == 1
     plan = scenarios.plan(scenarios.SCENARIOS, scenarios.Settings(study_nodes=24, batches=(1, 8)))
     assert plan == [("single", 1), ("study", 24), ("offline", 1), ("offline", 8)]
+
+
+class SleepyBackend:
+    """A CPU backend whose every call takes `seconds`, logged by name in a shared log; it raises once the
+    log holds more than `fail_after` calls."""
+
+    device, precision = "cpu", "fp32"
+
+    def __init__(self, name, seconds, log, fail_after=None):
+        self.name, self.seconds, self.log, self.fail_after = name, seconds, log, fail_after
+
+    def infer(self, ct, mask, check=True):
+        self.log.append(self.name)
+        if self.fail_after is not None and len(self.log) > self.fail_after:
+            raise RuntimeError(f"{self.name} broke")
+        time.sleep(self.seconds)
+
+
+def test_interleaved_step_alternates_slices_and_isolates_a_failure():
+    """Each backend warms up, then gets a slice of duration/rounds per round, in order, then in reverse
+    ("ss": the slow one ends a round and starts the next); a slow backend's calls, longer than a slice,
+    come one a slice. A backend that raises is named and the other's step completes."""
+    log = []
+    settings = scenarios.Settings(duration_s=0.12, min_queries=1, warmup_s=0, warmup_queries=1, rounds=4)
+    fast, slow = SleepyBackend("f", 0.002, log), SleepyBackend("s", 0.04, log)
+    steps, failed = scenarios.run_interleaved({0: fast, 1: slow}, "single", 1, settings, scenarios.Inputs(4))
+    assert not failed and log[:2] == ["f", "s"]  # the warm-ups
+    measured = "".join(log[2:])
+    assert measured.startswith("f") and "ss" in measured and measured.count("s") == steps[1]["queries"]
+    assert steps[1]["slices"] == steps[1]["queries"] >= 3  # one call a slice, until the duration is reached
+    assert steps[0]["slices"] >= 3
+    assert steps[0]["ms_per_node"] < steps[1]["ms_per_node"]
+    assert steps[0]["torch_peak_memory_mib"] is None and steps[0]["telemetry"] is None
+
+    log.clear()
+    broken = SleepyBackend("b", 0.001, log, fail_after=3)
+    steps, failed = scenarios.run_interleaved(
+        {0: fast, 7: broken}, "single", 1, settings, scenarios.Inputs(4)
+    )
+    assert list(steps) == [0] and steps[0]["wall_s"] >= settings.duration_s
+    assert list(failed) == [7] and str(failed[7]) == "b broke"
 
 
 def test_rotating_batches_are_distinct_arrays():
@@ -239,6 +290,30 @@ def test_gpu_scenarios_split_copies_from_compute():
     for s in steps:
         assert set(s["device_ms"]) == {"h2d", "compute", "d2h"} and s["device_ms"]["compute"]["p50"] > 0
         assert s["telemetry"] is not None and s["torch_peak_memory_mib"] > 0
+
+
+@needs_gpu
+def test_gpu_interleaved_steps_carry_their_own_telemetry():
+    """Two CUDA backends in alternating slices: each step's CUDA events and NVML samples are its own
+    backend's (telemetry spans only its slices), and torch's peak memory, shared by both, is left out."""
+    from m2anet.engines.torch_backend import TorchBackend
+
+    settings = scenarios.Settings(duration_s=0.2, min_queries=2, warmup_s=0.0, rounds=4)
+    with (
+        TorchBackend("m2anet_small", device="cuda") as fp32,
+        TorchBackend("m2anet_small", device="cuda", precision="fp16") as fp16,
+    ):
+        steps, failed = scenarios.run_interleaved(
+            {0: fp32, 1: fp16}, "offline", 4, settings, scenarios.Inputs(4)
+        )
+    assert not failed and set(steps) == {0, 1}
+    for s in steps.values():
+        assert (
+            s["slices"] >= 2 and s["device_ms"]["compute"]["p50"] > 0 and s["torch_peak_memory_mib"] is None
+        )
+        tel = s["telemetry"]
+        if tel["available"]:
+            assert tel["samples"] >= 2 * s["slices"] and tel["seconds"] < s["wall_s"] + 0.05 * s["slices"]
 
 
 # --- targets ----------------------------------------------------------------------------------
@@ -330,6 +405,40 @@ def test_cpu_scenarios_end_to_end_then_select_and_compare(small, tmp_path, capsy
 
     assert cli.main(["--compare", str(out / "bench.json"), str(out / "bench.json")]) == 0
     assert "no regression worse than 10%" in capsys.readouterr().out
+
+
+def test_interleaved_run_measures_every_backend_in_slices(small, tmp_path, capsys):
+    """--interleave opens PyTorch and ONNX Runtime side by side, measures each step on both in slices,
+    says so in the report, and still names a backend that cannot open (exit 1) without losing the others."""
+    onnx = small / "model.fp32.onnx"
+    out = tmp_path / "report"
+    args = ["--model", "m2anet_small", "--backend", "torch:cpu", f"ort:cpu:{onnx}", "ort:cpu:missing.onnx"]
+    args += ["--interleave", "--scenario", "offline", "--batches", "2", "--duration", "0.3", "--warmup", "0"]
+    args += [
+        "--min-queries",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--matmul-size",
+        "128",
+        "--copy-mib",
+        "4",
+    ]
+    assert cli.main(args) == 1
+    report = json.loads((out / "bench.json").read_text())
+    _check_schema({**report, "backends": report["backends"][:2]})
+    assert report["settings"]["interleaved"] and report["settings"]["rounds"] == 8
+    torch_cpu, ort_cpu, missing = report["backends"]
+    assert missing["error"] and not missing["steps"] and "missing.onnx" in missing["error"]
+    for b in (torch_cpu, ort_cpu):
+        (step,) = b["steps"]
+        assert step["slices"] >= 2 and step["wall_s"] >= 0.3 and step["torch_peak_memory_mib"] is None
+    assert ort_cpu["steps"][0]["vs_torch_fp32"] > 0
+    md = (out / "bench.md").read_text()
+    assert "measured interleaved" in md and md in capsys.readouterr().out
+    assert (out / "throughput.png").is_file()
 
 
 # --- --compare --------------------------------------------------------------------------------

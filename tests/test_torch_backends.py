@@ -608,6 +608,8 @@ def test_check_summary_table_and_goals(tmp_path):
                          {1: 5, 32: 20, 256: 28}, {1: 10.0, 32: 3.0, 256: 3.7}),
             {"backend": "torch-compile:cuda:bf16", "precision": None, "error": "TimeoutError: x",
              "steps": []},
+            _bench_entry("torch:cuda:fp16@fold_bn=true", "fp16", 5.0, {1: 5.5, 32: 0.2, 256: 0.13},
+                         {1: 1, 32: 12, 256: 15}, {1: 1.09, 32: 1.5, 256: 2.0}),
         ],
     }  # fmt: skip
     verified = {
@@ -636,6 +638,9 @@ def test_check_summary_table_and_goals(tmp_path):
     assert goals["batch 256 >= 25% of the floor (best passing path)"] == "yes"
     assert goals["torch:cuda:fp16 >= 1.0x FP32 at batch 1, 32, 256"] == "NO"
     assert goals["torch-compile:cuda:fp16 >= 1.0x FP32 at batch 1, 32, 256"] == "yes"
+    # an A/B row the check measures without verifying it: in the table, not among the goals
+    assert "| torch:cuda:fp16@fold_bn=true | fp16 | not verified | 5.000 |" in text
+    assert not any("fold_bn" in goal for goal in goals)
     assert goals["every GPU backend passes its parity tier"] == "NO"
     assert goals["training >= 800 nodes/s at batch 32"] == "yes"
 

@@ -85,6 +85,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batches", type=_batches, help="offline sweep (default: 1, 2, 4, ... the profile max)")
     ap.add_argument("--study-nodes", type=positive_int, default=24, help="nodes of one study")
     ap.add_argument("--threads", type=positive_int, help="torch and ONNX Runtime intra-op threads")
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="open every backend at once and measure each step on all of them in alternating slices, so "
+        "their ratios hold on a machine whose speed drifts",
+    )
     ap.add_argument("--out", type=output_dir, help="report folder (default: ARTIFACTS/MODEL/bench)")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     ap.add_argument(
@@ -155,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         batches=args.batches,
         study_nodes=args.study_nodes,
         threads=args.threads,
+        interleave=args.interleave,
         out=args.out,
         matmul_size=args.matmul_size,
         copy_mib=args.copy_mib,
