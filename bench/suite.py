@@ -13,7 +13,7 @@ import functools
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,10 @@ def describe(target: BackendSpec, model: str) -> dict[str, Any]:
     return info
 
 
+def _scenarios(options: BenchOptions) -> tuple[str, ...]:
+    return SCENARIOS if options.scenario == "all" else (options.scenario,)
+
+
 def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
 
@@ -149,16 +153,18 @@ def _opened(info: dict[str, Any], backend: Backend, t0: float) -> None:
 
 def measure_targets(
     options: BenchOptions, chosen: list[BackendSpec], settings: Settings
-) -> Iterator[list[dict[str, Any]]]:
+) -> Generator[list[dict[str, Any]], None, None]:
     """Every target's description and steps, yielded after each target (or after each step when
     interleaved) so a report can be saved as the run goes. After Ctrl-C the targets still running come
     with `interrupted` set and their finished steps, and the run ends."""
-    chosen_scenarios = SCENARIOS if options.scenario == "all" else (options.scenario,)
+    chosen_scenarios = _scenarios(options)
     steps = len(scenarios.plan(chosen_scenarios, settings))
     bar = tqdm(total=len(chosen) * steps, desc="m2a-bench", unit="step", file=sys.stderr)
     run = _interleaved if settings.interleaved else _one_by_one
-    yield from run(options, chosen, settings, chosen_scenarios, Inputs(settings.pool), bar)
-    bar.close()
+    try:
+        yield from run(options, chosen, settings, chosen_scenarios, Inputs(settings.pool), bar)
+    finally:
+        bar.close()
 
 
 def _one_by_one(
@@ -168,7 +174,7 @@ def _one_by_one(
     chosen_scenarios: tuple[str, ...],
     inputs: Inputs,
     bar: tqdm,
-) -> Iterator[list[dict[str, Any]]]:
+) -> Generator[list[dict[str, Any]], None, None]:
     steps = scenarios.plan(chosen_scenarios, settings)
     results: list[dict[str, Any]] = []
     for target in chosen:
@@ -200,7 +206,7 @@ def _interleaved(
     chosen_scenarios: tuple[str, ...],
     inputs: Inputs,
     bar: tqdm,
-) -> Iterator[list[dict[str, Any]]]:
+) -> Generator[list[dict[str, Any]], None, None]:
     """Every target open at once, each step measured on all of them in alternating slices
     (`scenarios.run_interleaved`); a target that fails loses its steps and leaves the rest."""
     steps = scenarios.plan(chosen_scenarios, settings)
@@ -260,23 +266,35 @@ def run_bench(options: BenchOptions) -> BenchRun:
     command = shlex.join(["m2a-bench", *options.command])
     results: list[dict[str, Any]] = []
     models: dict[str, dict[str, float]] = {}
-    full: dict[str, Any] = {}
     paths: dict[str, Path] = {}
     interrupted = False
-    for results in measure_targets(options, chosen, settings):
-        interrupted = any(r.get("interrupted") for r in results)
-        if not interrupted:  # the peaks again, 0.1 s per rate (gpu-check is short of time); the best kept
-            floors = {
-                k: f.fastest(floor.measure(k, f.matmul_size, f.copy_bytes, 0.1)) for k, f in floors.items()
-            }
+
+    def build() -> dict[str, Any]:
         for info in results:
             key = report.model_key(info["model"], info["heads"])
             if not info["error"] and key not in models:
                 models[key] = model_stats(info["model"], info["heads"])
-        full = report.build(environment, floors, models, results, asdict(settings), command)
-        paths = report.write(full, out, plots=False)
-    if full and not interrupted:
-        paths = report.write(full, out, plots=True)
+        return report.build(environment, floors, models, results, asdict(settings), command)
+
+    measured = measure_targets(options, chosen, settings)
+    try:
+        for results in measured:
+            interrupted = any(r.get("interrupted") for r in results)
+            if not interrupted:  # the peaks again, 0.1 s per rate (gpu-check is short of time); the best kept
+                floors = {
+                    k: f.fastest(floor.measure(k, f.matmul_size, f.copy_bytes, 0.1))
+                    for k, f in floors.items()
+                }
+            paths = report.write(build(), out, plots=False)
+    except KeyboardInterrupt:  # between two yields, while the peaks or the report were being made
+        measured.close()
+        interrupted, planned = True, len(scenarios.plan(_scenarios(options), settings))
+        for info in results:
+            if not info["error"] and len(info["steps"]) < planned:
+                info["interrupted"] = True
+    full = build() if results else {}
+    if full:
+        paths = report.write(full, out, plots=not interrupted)
     return BenchRun(full, paths, [r["backend"] for r in results if r["error"]], interrupted)
 
 

@@ -507,6 +507,41 @@ def test_compare_of_a_malformed_report_is_one_line(tmp_path, capsys, how):
         assert len(err) == 1 and err[0].startswith("m2a-bench: error: ") and str(bad) in err[0], err
 
 
+def test_ctrl_c_between_two_steps_keeps_the_finished_ones(tmp_path, monkeypatch):
+    """Ctrl-C while the report of the first step is being written (between two steps of an interleaved
+    run, outside the measurement): the run ends, and its report holds the finished step, the backend
+    marked interrupted, without plots. Before, the interrupt escaped and no report was written."""
+    from m2anet.bench import suite
+
+    write, calls = suite.report.write, []
+
+    def interrupted_once(full, out, plots):
+        calls.append(plots)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return write(full, out, plots=plots)
+
+    monkeypatch.setattr(suite.report, "write", interrupted_once)
+    options = suite.BenchOptions(
+        model="m2anet_small",
+        backends=["torch:cpu"],
+        scenario="offline",
+        duration_s=0.0,
+        min_queries=1,
+        warmup_s=0.0,
+        batches=(1, 2),
+        threads=1,
+        interleave=True,
+        out=tmp_path,
+        matmul_size=128,
+        copy_mib=4,
+    )
+    run = suite.run_bench(options)
+    assert run.interrupted and calls == [False, False]
+    (backend,) = json.loads((tmp_path / "bench.json").read_text())["backends"]
+    assert backend["interrupted"] and [s["batch"] for s in backend["steps"]] == [1]
+
+
 def test_ctrl_c_ends_the_run_with_the_finished_steps_saved(tmp_path):
     """SIGINT once the first of three steps is done: exit 130, one line, and a bench.json holding the
     steps finished before it (before, a traceback and a report with nothing of the interrupted
