@@ -22,12 +22,20 @@ from m2anet.model import PATCH_SHAPE, create_model
 
 
 class Count(TorchDispatchMode):
-    def __init__(self) -> None:
+    """Every aten operation by name, and by the model's top-level module that dispatched it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.by_module: collections.Counter[str] = collections.Counter()
+        self.inside = ["(M2ANet itself)"]
+        for name, module in model.named_children():
+            module.register_forward_pre_hook(lambda *_, name=name: self.inside.append(name) and None)
+            module.register_forward_hook(lambda *_: self.inside.pop() and None)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.ops[func.overloadpacket.__name__] += 1
+        self.by_module[self.inside[-1]] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -39,14 +47,15 @@ def main() -> None:
     mask = (torch.rand(1, 1, *PATCH_SHAPE) > 0.9).float()
     fp32 = create_model(args.model, pretrained=True)
     half = cast_weights_once(create_model(args.model, pretrained=True), torch.bfloat16)
-    with torch.inference_mode(), Count() as plain:
+    with torch.inference_mode(), Count(fp32) as plain:
         fp32(ct, mask)
-    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16), Count() as mixed:
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16), Count(half) as mixed:
         half(ct, mask)
     elementwise = sum(plain.ops[k] for k in ("mul", "add", "sub", "div"))
     print(f"{args.model}, batch 1: {plain.ops.total()} aten operations in FP32, {elementwise} elementwise")
     print(f"under autocast: {mixed.ops.total()}; added: {dict(mixed.ops - plain.ops)}")
     print("most frequent (FP32):", ", ".join(f"{k} {n}" for k, n in plain.ops.most_common(8)))
+    print("by module (FP32):", ", ".join(f"{k} {n}" for k, n in plain.by_module.most_common()))
 
 
 if __name__ == "__main__":
