@@ -266,8 +266,10 @@ def run_bench(options: BenchOptions) -> BenchRun:
     command = shlex.join(["m2a-bench", *options.command])
     results: list[dict[str, Any]] = []
     models: dict[str, dict[str, float]] = {}
+    full: dict[str, Any] = {}
     paths: dict[str, Path] = {}
     interrupted = False
+    planned = len(scenarios.plan(_scenarios(options), settings))
 
     def build() -> dict[str, Any]:
         for info in results:
@@ -285,16 +287,19 @@ def run_bench(options: BenchOptions) -> BenchRun:
                     k: f.fastest(floor.measure(k, f.matmul_size, f.copy_bytes, 0.1))
                     for k, f in floors.items()
                 }
-            paths = report.write(build(), out, plots=False)
+            finished = len(results) == len(chosen) and all(
+                r["error"] or len(r["steps"]) == planned for r in results
+            )
+            full = build()
+            paths = report.write(full, out, plots=finished and not interrupted)
     except KeyboardInterrupt:  # between two yields, while the peaks or the report were being made
         measured.close()
-        interrupted, planned = True, len(scenarios.plan(_scenarios(options), settings))
+        interrupted = True
         for info in results:
             if not info["error"] and len(info["steps"]) < planned:
                 info["interrupted"] = True
-    full = build() if results else {}
-    if full:
-        paths = report.write(full, out, plots=not interrupted)
+        full = build()
+        paths = report.write(full, out, plots=False)
     return BenchRun(full, paths, [r["backend"] for r in results if r["error"]], interrupted)
 
 
