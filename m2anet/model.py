@@ -181,14 +181,24 @@ class MaskAttentionPool(nn.Module):
         return self.proj(pooled)
 
 
-def _invariants(
-    zz: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, zy: torch.Tensor, zx: torch.Tensor, yx: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Trace, sum of principal minors and determinant of a symmetric 3 x 3 covariance given by its entries:
-    rotation-invariant, and what a graph computes without an eigensolver."""
-    i1 = zz + yy + xx
-    i2 = zz * yy + zz * xx + yy * xx - zy * zy - zx * zx - yx * yx
-    i3 = zz * (yy * xx - yx * yx) - zy * (zy * xx - yx * zx) + zx * (zy * yx - yy * zx)
+def _coordinate_products(c: torch.Tensor, dim: int) -> torch.Tensor:
+    """The squares and cross products of coordinates (z, y, x) stacked along `dim`, in the order
+    (zz, yy, xx, zy, yx, xz): each cross product pairs an axis with the next one, so `roll` makes them in
+    one operation, and `_invariants` reads covariances in this order."""
+    return torch.cat([c * c, c * c.roll(-1, dim)], dim=dim)
+
+
+def _invariants(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trace, sum of principal minors and determinant of symmetric 3 x 3 covariances given as (B, 6) rows of
+    (zz, yy, xx, zy, yx, xz): rotation-invariant, and what a graph computes without an eigensolver. Each
+    diagonal entry's opposite off-diagonal entry (zz and yx, ...) is one place on, so a `roll` pairs them
+    all; a dozen operations on the whole batch, where one per entry and product made this the largest part
+    of an eager forward's dispatches (tests/bench/eager_dispatch.py)."""
+    d, o = cov[:, :3], cov[:, 3:]
+    squares = o * o
+    i1 = d.sum(1)
+    i2 = (d * d.roll(-1, 1)).sum(1) - squares.sum(1)
+    i3 = d.prod(1) + 2.0 * o.prod(1) - (d * squares.roll(-1, 1)).sum(1)
     return i1, i2, i3
 
 
@@ -198,13 +208,13 @@ class ContourShape(nn.Module):
     The covariance of the core occupancy has invariants I1 (trace), I2 (sum of principal minors)
     and I3 (determinant); I1, I2 / I1 and I3 / I2 track the largest, middle and smallest principal
     variance, so their square roots give the node's extents in SHAPE_UNIT_MM. Only MatMul, Mul,
-    Add, Sub, Div and Sqrt, so it exports everywhere; model.fp16.onnx keeps it in FP32, because the
+    Add, Sub, Div, ReduceSum, ReduceProd, Slice, Concat and Sqrt, so it exports everywhere;
+    model.fp16.onnx keeps it in FP32, because the
     variances subtract nearly equal second moments. The mask is not a parameter, so no gradient
     flows through the square roots.
     """
 
-    coords: torch.Tensor  # buffers, registered in __init__
-    outer: torch.Tensor
+    moments: torch.Tensor  # buffer, registered in __init__
 
     def __init__(self, eps: float) -> None:
         super().__init__()
@@ -212,18 +222,17 @@ class ContourShape(nn.Module):
             (torch.arange(n) - (n - 1) / 2.0) * sp / SHAPE_UNIT_MM
             for n, sp in zip(S3_SHAPE, S3_SPACING_MM, strict=True)
         ]
-        coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1).T  # (N, 3)
-        self.register_buffer("coords", coords, persistent=False)
-        self.register_buffer("outer", (coords[:, :, None] * coords[:, None, :]).flatten(1), persistent=False)
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1)  # (3, N)
+        # (N, 9): each voxel's coordinates and their products, so one MatMul gives every moment
+        moments = torch.cat([coords, _coordinate_products(coords, 0)]).T.contiguous()
+        self.register_buffer("moments", moments, persistent=False)
         self.eps = eps
 
     def forward(self, core: torch.Tensor) -> torch.Tensor:
         w = core.flatten(1)  # (B, N)
         mass = w.sum(1, keepdim=True) + self.eps
-        mean = torch.matmul(w, self.coords) / mass  # (B, 3)
-        second = torch.matmul(w, self.outer) / mass  # (B, 9)
-        c = [second[:, k] - mean[:, k // 3] * mean[:, k % 3] for k in (0, 4, 8, 1, 2, 5)]
-        i1, i2, i3 = _invariants(*c)
+        e = torch.matmul(w, self.moments) / mass  # (B, 9): means, then second moments
+        i1, i2, i3 = _invariants(e[:, 3:] - _coordinate_products(e[:, :3], 1))
         variances = torch.stack([i1, i2 / (i1 + self.eps), i3 / (i2 + self.eps)], dim=1)
         return torch.sqrt(torch.relu(variances))
 
@@ -239,52 +248,57 @@ class ContourOutline(nn.Module):
     * axial roundness: short over long axis of the in-plane (y, x) covariance, as read on an axial slice;
     * sphericity: pi^(1/3) (6 V)^(2/3) / A, with A the area of the voxel faces between contour and outside.
 
-    The covariance has a voxel's own extent (spacing^2 / 12) added, as `cohort_study.node_features` does,
-    and is built from the contour's projections (sums over one or two axes), so the graph holds ReduceSum,
-    Mul, Sub, Abs, Pad, Div, Pow and Sqrt on tensors of rank 4 and less: model.fp16.onnx keeps all of it in
-    FP32. No parameters, and no gradient reaches it (the mask has none).
+    The covariance has a voxel's own extent (spacing^2 / 12) added, as `cohort_study.node_features` does.
+    Its moments are linear in the contour's projections onto the (z, y), (z, x) and (y, x) planes, so one
+    product with a fixed basis and one sum give all ten (Mul and ReduceSum, exact in FP32 on every
+    backend, where a MatMul would run in half precision under autocast or in TF32). The graph holds
+    ReduceSum, Mul, Sub, Abs, Pad, Div, Pow and Sqrt on tensors of rank 4 and less: model.fp16.onnx keeps
+    all of it in FP32. No parameters, and no gradient reaches it (the mask has none).
     """
 
     N_MEASURES = 3
-    z: torch.Tensor  # buffers, registered in __init__
-    y: torch.Tensor
-    x: torch.Tensor
+    basis: torch.Tensor  # buffers, registered in __init__
+    voxel: torch.Tensor
+    face_mm2: torch.Tensor
 
     def __init__(self, eps: float) -> None:
         super().__init__()
-        for name, n, sp in zip("zyx", PATCH_SHAPE, PATCH_SPACING_MM, strict=True):
-            self.register_buffer(name, (torch.arange(n) - (n - 1) / 2.0) * sp, persistent=False)
-        self.spacing = PATCH_SPACING_MM
+        sz, sy, sx = PATCH_SPACING_MM
+        z, y, x = (
+            (torch.arange(n) - (n - 1) / 2.0) * sp for n, sp in zip(PATCH_SHAPE, (sz, sy, sx), strict=True)
+        )
+        zy, zx, yx = (torch.meshgrid(a, b, indexing="ij") for a, b in ((z, y), (z, x), (y, x)))
+        basis = torch.block_diag(  # one row per moment over the three projections, flattened side by side
+            torch.stack([zy[0] ** 0, zy[0], zy[1], zy[0] ** 2, zy[1] ** 2, zy[0] * zy[1]]).flatten(1),
+            torch.stack([zx[1], zx[1] ** 2, zx[1] * zx[0]]).flatten(1),
+            (yx[0] * yx[1]).flatten()[None],
+        )  # rows: 1 z y zz yy zy | x xx xz | yx
+        # mass, means, then the second moments in `_coordinate_products`' order
+        self.register_buffer("basis", basis[[0, 1, 2, 6, 3, 4, 7, 5, 9, 8]], persistent=False)
+        voxel = torch.tensor([sz * sz, sy * sy, sx * sx, 0.0, 0.0, 0.0]) / 12.0
+        self.register_buffer("voxel", voxel, persistent=False)
+        self.register_buffer("face_mm2", torch.tensor([sy * sx, sz * sx, sz * sy]), persistent=False)
+        self.sphere = (math.pi * (6.0 * sz * sy * sx) ** 2) ** (1.0 / 3.0)  # sphericity = this n^(2/3) / A
         self.eps = eps
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         m = mask[:, 0]  # (B, Z, Y, X)
-        zy, zx, yx = m.sum(3), m.sum(2), m.sum(1)
-        mz, my, mx = zy.sum(2), zy.sum(1), zx.sum(1)
-        n = mz.sum(1)
-        mass = n + self.eps
-        ez, ey, ex = ((w * c).sum(1) / mass for w, c in ((mz, self.z), (my, self.y), (mx, self.x)))
+        planes = torch.cat([m.sum(3).flatten(1), m.sum(2).flatten(1), m.sum(1).flatten(1)], dim=1)
+        sums = (planes[:, None] * self.basis).sum(2)  # (B, 10)
+        n = sums[:, 0]
+        e = sums[:, 1:] / (n + self.eps)[:, None]  # means, then second moments
         bessel = n / torch.clamp(n - 1.0, min=1.0)
-        sz2, sy2, sx2 = (s * s / 12.0 for s in self.spacing)
-        czz = ((mz * self.z * self.z).sum(1) / mass - ez * ez) * bessel + sz2
-        cyy = ((my * self.y * self.y).sum(1) / mass - ey * ey) * bessel + sy2
-        cxx = ((mx * self.x * self.x).sum(1) / mass - ex * ex) * bessel + sx2
-        czy = (((zy * self.y).sum(2) * self.z).sum(1) / mass - ez * ey) * bessel
-        czx = (((zx * self.x).sum(2) * self.z).sum(1) / mass - ez * ex) * bessel
-        cyx = (((yx * self.x).sum(2) * self.y).sum(1) / mass - ey * ex) * bessel
-        i1, i2, i3 = _invariants(czz, cyy, cxx, czy, czx, cyx)
+        cov = (e[:, 3:] - _coordinate_products(e[:, :3], 1)) * bessel[:, None] + self.voxel
+        i1, i2, i3 = _invariants(cov)
         moment = torch.sqrt(torch.relu(i3 / (i2 + self.eps)) / (i1 + self.eps))
+        cyy, cxx, cyx = cov[:, 1], cov[:, 2], cov[:, 4]
         half = (cyy + cxx) / 2.0
         disc = torch.sqrt((cyy - cxx) * (cyy - cxx) / 4.0 + cyx * cyx)
         axial = torch.sqrt(torch.relu(half - disc) / (half + disc + self.eps))
         p = nn.functional.pad(m, (1, 1, 1, 1, 1, 1))
-        fz, fy, fx = (
-            (a[:, 1:] - a[:, :-1]).abs().sum((1, 2, 3)) for a in (p, p.transpose(1, 2), p.transpose(1, 3))
-        )
-        sz, sy, sx = self.spacing
-        area = fz * sy * sx + fy * sz * sx + fx * sz * sy
-        volume = n * (sz * sy * sx)
-        sphericity = math.pi ** (1.0 / 3.0) * torch.pow(6.0 * volume, 2.0 / 3.0) / (area + self.eps)
+        faces = torch.stack([p.diff(dim=d).abs().sum((1, 2, 3)) for d in (1, 2, 3)], dim=1)  # z, y, x
+        area = (faces * self.face_mm2).sum(1)
+        sphericity = self.sphere * torch.pow(n, 2.0 / 3.0) / (area + self.eps)
         return torch.stack([moment, axial, sphericity], dim=1)  # (B, 3)
 
 
@@ -308,32 +322,34 @@ class IntensityStats(nn.Module):
     """
 
     N_STATS = 8
-    _LOW, _FAT, _BRIGHT = hu_scale(15.0), hu_scale(-40.0), hu_scale(150.0)
+    _BRIGHT = hu_scale(150.0)
     _SOFTNESS = 10.0 / (HU_WINDOW[1] - HU_WINDOW[0])  # 10 HU
+    below: torch.Tensor  # buffer, registered in __init__
 
     def __init__(self, eps: float) -> None:
         super().__init__()
         self.smooth = nn.AvgPool3d((1, 3, 3), stride=1, padding=(0, 1, 1))
         self.spread = nn.MaxPool3d((1, 5, 5), stride=1, padding=(0, 2, 2))
+        # low attenuation (necrosis) and fat (a fatty hilum): the soft share of interior voxels below each
+        below = torch.tensor([hu_scale(15.0), hu_scale(-40.0)]).view(1, 2, 1, 1, 1)
+        self.register_buffer("below", below, persistent=False)
         self.eps = eps
 
-    def _mean(self, w: torch.Tensor, x: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-        return (w * x).sum((2, 3, 4)) / mass
-
     def forward(self, ct: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Both weightings (contour, interior) go through each step at once, channels of one tensor: an
+        eager forward dispatches each operation once, not once per weighting and statistic."""
         x = self.smooth(ct)
         interior = (1.0 - self.spread(1.0 - mask)) + 0.01 * mask  # the contour itself if nothing is left
-        contour_mass, interior_mass = (w.sum((2, 3, 4)) + self.eps for w in (mask, interior))
-        stats = []
-        for w, mass in ((mask, contour_mass), (interior, interior_mass)):
-            mean = self._mean(w, x, mass)
-            centred = x - mean[:, :, None, None, None]
-            stats += [mean, torch.sqrt(self._mean(w, centred * centred, mass) + self.eps * self.eps)]
-        rim_excess = stats[0] - stats[2]  # contour mean minus interior mean
-        low = self._mean(interior, torch.sigmoid((self._LOW - x) / self._SOFTNESS), interior_mass)
-        fat = self._mean(interior, torch.sigmoid((self._FAT - x) / self._SOFTNESS), interior_mass)
-        bright = self._mean(mask, torch.sigmoid((ct - self._BRIGHT) / self._SOFTNESS), contour_mass)
-        return torch.cat([*stats, rim_excess, low, fat, bright], dim=1)  # (B, 8)
+        w = torch.cat([mask, interior], dim=1)  # (B, 2, ...): contour, interior
+        mass = w.sum((2, 3, 4)) + self.eps
+        mean = (w * x).sum((2, 3, 4)) / mass
+        centred = x - mean[:, :, None, None, None]
+        spread = torch.sqrt((w * centred * centred).sum((2, 3, 4)) / mass + self.eps * self.eps)
+        rim_excess = mean[:, :1] - mean[:, 1:]  # contour mean minus interior mean
+        below = (interior * torch.sigmoid((self.below - x) / self._SOFTNESS)).sum((2, 3, 4)) / mass[:, 1:]
+        bright = (mask * torch.sigmoid((ct - self._BRIGHT) / self._SOFTNESS)).sum((2, 3, 4)) / mass[:, :1]
+        stats = torch.stack([mean, spread], dim=2).flatten(1)  # contour mean, spread, interior mean, spread
+        return torch.cat([stats, rim_excess, below, bright], dim=1)  # (B, 8)
 
 
 class GatedAttentionFusion(nn.Module):

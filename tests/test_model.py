@@ -11,6 +11,7 @@ from m2anet.model import (
     ContourShape,
     IntensityStats,
     SoftMaskExpansion,
+    _invariants,
     fold_batchnorm,
 )
 from m2anet.parity import FP32_LOGIT_TOLERANCE
@@ -86,6 +87,18 @@ def _ellipsoid(semi_axes_mm: tuple[float, float, float]) -> torch.Tensor:
     grid = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in S3_SHAPE), indexing="ij")
     r2 = sum((g * sp / a) ** 2 for g, sp, a in zip(grid, S3_SPACING_MM, semi_axes_mm, strict=True))
     return torch.from_numpy((r2 <= 1).astype(np.float32))[None, None]
+
+
+def test_covariance_invariants_are_those_of_the_eigenvalues():
+    """Trace, sum of pairwise products and product of the eigenvalues, from the six entries in the order
+    (zz, yy, xx, zy, yx, xz) that `_invariants` pairs with rolls."""
+    a = torch.randn(64, 3, 3, dtype=torch.float64)
+    cov = a @ a.transpose(1, 2)
+    rows = torch.stack([cov[:, i, j] for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0))], dim=1)
+    lam = torch.linalg.eigvalsh(cov)
+    pairs = lam[:, 0] * lam[:, 1] + lam[:, 0] * lam[:, 2] + lam[:, 1] * lam[:, 2]
+    for got, want in zip(_invariants(rows), (lam.sum(1), pairs, lam.prod(1)), strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_contour_shape_is_invariant_and_tracks_the_short_axis():
