@@ -28,6 +28,7 @@ class Count(TorchDispatchMode):
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
         self.by_module: collections.Counter[str] = collections.Counter()
+        self.kernels: collections.Counter[str] = collections.Counter()  # by module, the operations not views
         self.inside = ["(M2ANet itself)"]
         for name, module in model.named_children():
             module.register_forward_pre_hook(lambda *_, name=name: self.inside.append(name) and None)
@@ -36,6 +37,7 @@ class Count(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.ops[func.overloadpacket.__name__] += 1
         self.by_module[self.inside[-1]] += 1
+        self.kernels[self.inside[-1]] += not func.is_view
         return func(*args, **(kwargs or {}))
 
 
@@ -56,6 +58,10 @@ def main() -> None:
     print(f"under autocast: {mixed.ops.total()}; added: {dict(mixed.ops - plain.ops)}")
     print("most frequent (FP32):", ", ".join(f"{k} {n}" for k, n in plain.ops.most_common(8)))
     print("by module (FP32):", ", ".join(f"{k} {n}" for k, n in plain.by_module.most_common()))
+    print(
+        f"not views (about a kernel each on a GPU): {plain.kernels.total()};",
+        ", ".join(f"{k} {n}" for k, n in plain.kernels.most_common(4)),
+    )
 
 
 if __name__ == "__main__":
