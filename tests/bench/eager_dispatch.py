@@ -2,10 +2,13 @@
 once (as `TorchBackend` runs eager half precision): at batch 1 on a GPU each costs host time whether or not
 it launches a kernel, and that host time is what eager single nodes measure (docs/gpu.md, Next).
 
-    python3 tests/bench/eager_dispatch.py [--model m2anet_base]
+    python3 tests/bench/eager_dispatch.py [--model m2anet_base] [--device cpu|cuda]
 
-Counted on the CPU under BF16 autocast, whose cast lists differ from CUDA's: the casts it adds are the
-CPU's; the FP32 count is the same on either device.
+On the CPU, counted under BF16 autocast, whose cast lists differ from CUDA's: the casts it adds are the
+CPU's; the FP32 count is the same on either device. With `--device cuda`, each eager CUDA backend as
+`m2a-bench` opens it (IEEE FP32, FP16 and BF16 under CUDA's autocast, each with BatchNorm kept and folded),
+one forward after a warm-up, as a Markdown table: what decides whether eager half precision can be as
+fast as FP32 at batch 1.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from m2anet.engines import open_backend
 from m2anet.engines.torch_backend import cast_weights_once
 from m2anet.model import PATCH_SHAPE, create_model
 
@@ -41,12 +45,44 @@ class Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+CUDA_SPECS = tuple(
+    f"torch:cuda{precision}{fold}" for precision in ("", ":fp16", ":bf16") for fold in ("", "@fold_bn=true")
+)
+
+
+def on_cuda(model_name: str, ct: torch.Tensor, mask: torch.Tensor) -> None:
+    print(f"{model_name}, batch 1, one eager forward on {torch.cuda.get_device_name()}\n")
+    print("| backend | aten operations | not views | casts | BatchNorm operations |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    ct, mask = ct.cuda(), mask.cuda()
+    for spec in CUDA_SPECS:
+        with open_backend(spec, model_name=model_name) as backend:
+            backend.infer_torch(ct, mask)  # cuDNN's algorithm choice and lazy set-up are not the forward
+            with Count(backend.model) as count:
+                backend.infer_torch(ct, mask)
+        row = (
+            count.ops.total(),
+            count.kernels.total(),
+            count.ops["to"] + count.ops["_to_copy"],
+            sum(n for op, n in count.ops.items() if "batch_norm" in op),
+        )
+        print(f"| `{spec}` | " + " | ".join(map(str, row)) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="m2anet_base")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     ct = torch.rand(1, 1, *PATCH_SHAPE)
     mask = (torch.rand(1, 1, *PATCH_SHAPE) > 0.9).float()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                "--device cuda needs a CUDA GPU and a CUDA build of torch: run it on the GPU machine"
+            )
+        on_cuda(args.model, ct, mask)
+        return
     fp32 = create_model(args.model, pretrained=True)
     half = cast_weights_once(create_model(args.model, pretrained=True), torch.bfloat16)
     with torch.inference_mode(), Count(fp32) as plain:
