@@ -192,8 +192,7 @@ def _invariants(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """Trace, sum of principal minors and determinant of symmetric 3 x 3 covariances given as (B, 6) rows of
     (zz, yy, xx, zy, yx, xz): rotation-invariant, and what a graph computes without an eigensolver. Each
     diagonal entry's opposite off-diagonal entry (zz and yx, ...) is one place on, so a `roll` pairs them
-    all; a dozen operations on the whole batch, where one per entry and product made this the largest part
-    of an eager forward's dispatches (tests/bench/eager_dispatch.py)."""
+    all: a dozen operations for the whole batch, as an eager forward dispatches them one by one."""
     d, o = cov[:, :3], cov[:, 3:]
     squares = o * o
     i1 = d.sum(1)
@@ -209,9 +208,8 @@ class ContourShape(nn.Module):
     and I3 (determinant); I1, I2 / I1 and I3 / I2 track the largest, middle and smallest principal
     variance, so their square roots give the node's extents in SHAPE_UNIT_MM. Only MatMul, Mul,
     Add, Sub, Div, ReduceSum, ReduceProd, Slice, Concat and Sqrt, so it exports everywhere;
-    model.fp16.onnx keeps it in FP32, because the
-    variances subtract nearly equal second moments. The mask is not a parameter, so no gradient
-    flows through the square roots.
+    model.fp16.onnx keeps it in FP32, because the variances subtract nearly equal second moments.
+    The mask is not a parameter, so no gradient flows through the square roots.
     """
 
     moments: torch.Tensor  # buffer, registered in __init__
@@ -252,8 +250,9 @@ class ContourOutline(nn.Module):
     Its moments are linear in the contour's projections onto the (z, y), (z, x) and (y, x) planes, so one
     product with a fixed basis and one sum give all ten (Mul and ReduceSum, exact in FP32 on every
     backend, where a MatMul would run in half precision under autocast or in TF32). The graph holds
-    ReduceSum, Mul, Sub, Abs, Pad, Div, Pow and Sqrt on tensors of rank 4 and less: model.fp16.onnx keeps
-    all of it in FP32. No parameters, and no gradient reaches it (the mask has none).
+    ReduceSum, ReduceProd, Mul, Sub, Abs, Pad, Slice, Concat, Div, Pow and Sqrt on tensors of rank 4 and
+    less: model.fp16.onnx keeps all of it in FP32. No parameters, and no gradient reaches it (the mask has
+    none).
     """
 
     N_MEASURES = 3
