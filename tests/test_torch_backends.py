@@ -526,6 +526,10 @@ try:
     check["backends"]()
 except ImportError as e:
     failed["ci/gpu_check.py"] = str(e)
+try:
+    runpy.run_path(sys.argv[2])  # the eager dispatch step
+except ImportError as e:
+    failed["tests/bench/eager_dispatch.py"] = str(e)
 print(json.dumps(failed))
 """
 
@@ -534,7 +538,13 @@ print(json.dumps(failed))
 def without_simpleitk():
     """The modules ci/gpu-check runs, imported in a child process without SimpleITK and tritonclient."""
     run = subprocess.run(
-        [sys.executable, "-c", IMPORTS, str(REPO / "ci" / "gpu_check.py")],
+        [
+            sys.executable,
+            "-c",
+            IMPORTS,
+            str(REPO / "ci" / "gpu_check.py"),
+            str(REPO / "tests" / "bench" / "eager_dispatch.py"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
