@@ -128,7 +128,8 @@ def describe(target: BackendSpec, model: str) -> dict[str, Any]:
             manifest = read_manifest(target.artifact.parent)
         except ArtifactError:
             return info
-        info["model"], info["heads"] = manifest["model"]["name"], manifest["model"]["heads"]
+        built = manifest.get("model", {})  # a folder written by hand may not say: --model then
+        info["model"], info["heads"] = built.get("name", info["model"]), built.get("heads", info["heads"])
         parity = manifest.get("artifacts", {}).get(target.artifact.name, {}).get("parity")
         info["parity_passed"] = None if parity is None else bool(parity.get("passed"))
     return info

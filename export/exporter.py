@@ -34,7 +34,7 @@ from m2anet.engines.ort_backend import OrtBackend
 from m2anet.engines.torch_backend import TorchBackend
 from m2anet.engines.trt_backend import TensorRTBackend
 from m2anet.export.fp16 import convert_fp16
-from m2anet.export.int8 import Calibration, Target, calibration_search, quantize_int8
+from m2anet.export.int8 import QDQ_PLACEMENT, Calibration, Target, calibration_search, quantize_int8
 from m2anet.export.onnx_export import ExportError, export_fp32, io_signature, max_abs_diff
 from m2anet.export.tensorrt_build import build_engine
 from m2anet.io import sha256_file
@@ -289,7 +289,7 @@ class Exporter:
             a = self.args
             recipe["calibration"] = {
                 "method": a.calib_method, "size": a.calib_size, "target": a.int8_target,
-                "exclude": list(a.int8_exclude),
+                "exclude": list(a.int8_exclude), "placement": QDQ_PLACEMENT,
             }  # fmt: skip
         old = self.reusable(name, recipe)
         if precision == "int8" and old is not None and not self.parity_current(old):

@@ -9,7 +9,9 @@ does the work. Two targets:
   integer convolutions more often; TensorRT rejects it.
 
 Only convolutions are quantized: they hold >99% of the FLOPs, and the masked pooling,
-softmaxes and head stay in FP32 for parity.
+softmaxes and head stay in FP32 for parity. Q/DQ pairs go where NVIDIA's placement recommendations
+for TensorRT put them: on every convolution's inputs and on the skip input of each residual Add, not
+on its main input or its output (`residual_adds`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,73 @@ TARGET_OPTIONS: dict[str, dict] = {
 }
 
 
+QDQ_PLACEMENT = "convolution inputs and the skip input of each residual Add"
+
+
+def residual_adds(graph: onnx.GraphProto) -> dict[str, str]:
+    """Each residual Add by name, with its main input: the one produced by a convolution and on the
+    longer path from the two inputs' nearest common ancestor (in a ResBlock, conv2 against the block's
+    input or its projection). TensorRT fuses the main convolution, the Add and the ReLU after it into one
+    INT8 kernel with an INT8 output only when the skip input is quantized and the main one is not; with
+    a float skip input the fused output stays float and the next Q is a kernel of its own (NVIDIA's Q/DQ
+    placement recommendations; ModelOpt's ONNX quantizer places them the same way)."""
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def ancestors(tensor: str) -> dict[str, int]:
+        """Every node upstream of `tensor`, by name, with its distance in nodes (breadth first)."""
+        found: dict[str, int] = {}
+        frontier, depth = [tensor], 0
+        while frontier:
+            nodes = [producer[t] for t in frontier if t in producer and producer[t].name not in found]
+            found.update((n.name, depth) for n in nodes)
+            frontier, depth = [i for n in nodes for i in n.input], depth + 1
+        return found
+
+    adds = {}
+    for node in graph.node:
+        if node.op_type != "Add" or len(node.input) != 2 or not all(t in producer for t in node.input):
+            continue
+        up = [ancestors(t) for t in node.input]
+        common = up[0].keys() & up[1].keys()
+        if not common:
+            continue
+        meet = min(common, key=lambda n: up[0][n] + up[1][n])
+        if up[0][meet] == up[1][meet]:
+            continue
+        main = node.input[0] if up[0][meet] > up[1][meet] else node.input[1]
+        if producer[main].op_type == "Conv":
+            adds[node.name] = main
+    return adds
+
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _float_around_residual_adds(model: onnx.ModelProto, adds: dict[str, str]) -> None:
+    """Take out the Q/DQ pairs ONNX Runtime's quantizer puts on a quantized Add's main input and on its
+    output, leaving the skip input's: each reader of such a pair reads the float tensor, and the pairs
+    and constants nothing reads any more are dropped."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    floats = set(adds.values()) | {out for node in graph.node if node.name in adds for out in node.output}
+    for node in graph.node:
+        for k, tensor in enumerate(node.input):
+            dq = producer.get(tensor)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in floats:
+                node.input[k] = q.input[0]
+    while True:
+        read = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
+        unread = [n for n in graph.node if n.op_type in _QDQ and n.output[0] not in read]
+        if not unread:
+            break
+        for n in unread:
+            graph.node.remove(n)
+    read = {t for n in graph.node for t in n.input}
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+
+
 @dataclass(frozen=True)
 class Calibration:
     method: str
@@ -119,12 +188,24 @@ def quantize_int8(
     exclusions (m2a-verify --diagnose): `cohort`, the first `calib.size` nodes of the calib split, is
     generated once; `cache` is ONNX Runtime's calibration cache (1.27+), written by the first call and
     read by the next instead of running the calibration again. The ranges do not depend on the
-    exclusions: every convolution's tensors are calibrated.
+    exclusions: every convolution's and Add's tensors are calibrated (the first call, with the fewest
+    exclusions, has residual Adds to quantize).
     """
     if calib.method not in CALIB_METHODS:
         raise ValueError(f"unknown calibration method {calib.method!r}: choose {', '.join(CALIB_METHODS)}")
     cohort = load_split("calib", n=calib.size) if cohort is None else cohort
     signed = calib.target == "tensorrt"
+    graph = onnx.load(str(fp32_path)).graph
+    nodes = {n.name: n for n in graph.node}
+    producer = {out: n.name for n in graph.node for out in n.output}
+    convs = [
+        n.name for n in graph.node if n.op_type in ("Conv", "ConvTranspose") and n.name not in calib.exclude
+    ]
+    adds = {  # an Add beside an excluded (FP32) convolution stays FP32 too
+        add: main
+        for add, main in residual_adds(graph).items()
+        if not {producer[t] for t in nodes[add].input} & set(calib.exclude)
+    }
     reader = CalibrationReader(cohort, calib.batch, progress or (lambda n: None))
     root = logging.getLogger()
     level = root.level
@@ -136,7 +217,8 @@ def quantize_int8(
                 str(tmp),
                 reader,
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["Conv", "ConvTranspose"],
+                op_types_to_quantize=["Conv", "ConvTranspose", *(["Add"] if adds else [])],
+                nodes_to_quantize=convs + list(adds) or None,  # an empty list would mean every node
                 per_channel=True,
                 activation_type=QuantType.QInt8 if signed else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
@@ -151,7 +233,10 @@ def quantize_int8(
             )
         finally:
             root.setLevel(level)
-        check_graph(onnx.load(str(tmp)))
+        model = onnx.load(str(tmp))
+        _float_around_residual_adds(model, adds)
+        check_graph(model)
+        onnx.save(model, str(tmp))
     return {
         "method": calib.method,
         "split": "calib",
@@ -162,5 +247,7 @@ def quantize_int8(
         "bias": "float" if signed else "int32",
         "weights": "int8 symmetric per-channel",
         "excluded": list(calib.exclude),
+        "placement": QDQ_PLACEMENT,
+        "residual_adds": len(adds),
         "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",
     }

@@ -20,12 +20,12 @@ import time
 import pytest
 import torch
 
-from m2anet.bench import floor, scenarios, telemetry
+from m2anet.bench import floor, scenarios, suite, telemetry
 from m2anet.bench.ab import Interleaved
 from m2anet.bench.stats import percentile, summarize
 from m2anet.cli import bench as cli
 from m2anet.engines import BackendSpec, environment
-from m2anet.manifest import read_manifest
+from m2anet.manifest import read_manifest, write_manifest
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -327,6 +327,14 @@ def test_backend_options_and_labels():
     assert BackendSpec.parse("trt:a/m/model.fp16.plan").label == "trt:m/model.fp16.plan"
     with pytest.raises(ValueError, match="key=value"):
         BackendSpec.parse("torch:cpu@=1")
+
+
+def test_an_artifact_folder_that_names_no_model_is_described_by_model(tmp_path):
+    """Folders written by `write_manifest` alone (m2a-verify --diagnose's trials, a hand-made A/B) name
+    their artifacts but not the model they were built from: the report takes --model's, not a KeyError."""
+    write_manifest(tmp_path, {"artifacts": {"model.int8.onnx": {"sha256": "0" * 64, "precision": "int8"}}})
+    info = suite.describe(BackendSpec.parse(f"ort:cpu:{tmp_path / 'model.int8.onnx'}"), "m2anet_base")
+    assert (info["model"], info["heads"], info["parity_passed"]) == ("m2anet_base", "both", None)
 
 
 # --- end to end on the CPU --------------------------------------------------------------------

@@ -10,7 +10,13 @@ import pytest
 from m2anet import create_model
 from m2anet.cli import export as cli
 from m2anet.engines import InputError, open_backend
-from m2anet.export.int8 import CALIB_SEARCH, DEFAULT_CALIB_SIZE, calibration_search
+from m2anet.export.int8 import (
+    CALIB_SEARCH,
+    DEFAULT_CALIB_SIZE,
+    QDQ_PLACEMENT,
+    calibration_search,
+    residual_adds,
+)
 from m2anet.export.onnx_export import export_fp32, max_abs_diff
 from m2anet.io import atomic_path, sha256_file
 from m2anet.manifest import ArtifactError, artifact_entry, read_manifest, write_manifest
@@ -71,6 +77,32 @@ def test_int8_graph_has_symmetric_qdq_for_tensorrt(small):
     assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
     entry = artifact_entry(path)
     assert entry["calibration"]["nodes"] == 64 and len(entry["calibration"]["sha256"]) == 64
+
+
+def test_int8_graph_quantizes_the_skip_input_of_each_residual_add(small):
+    """TensorRT fuses conv2, the residual Add and its ReLU into an INT8 kernel with an INT8 output when
+    the skip input is quantized and the main one is not: one Add per ResBlock (7 in m2anet_small), each
+    reading conv2's float output and a dequantized skip, its own output read by the ReLU as it is; no
+    other Add reads a DequantizeLinear."""
+    proto = onnx.load(str(small / "model.int8.onnx"))
+    producer = {out: n.op_type for n in proto.graph.node for out in n.output}
+    readers: dict[str, list[str]] = {}
+    for n in proto.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n.op_type)
+    residual = residual_adds(onnx.load(str(small / "model.fp32.onnx")).graph)
+    assert len(residual) == 7
+    for node in proto.graph.node:
+        if node.op_type != "Add":
+            continue
+        sources = sorted(producer.get(t, "constant") for t in node.input)
+        if node.name in residual:
+            assert sources == ["Conv", "DequantizeLinear"], node.name
+            assert readers[node.output[0]] == ["Relu"], node.name  # the Add's output stays float
+        else:
+            assert "DequantizeLinear" not in sources, node.name
+    calibration = artifact_entry(small / "model.int8.onnx")["calibration"]
+    assert calibration["placement"] == QDQ_PLACEMENT and calibration["residual_adds"] == 7
 
 
 def test_manifest_describes_and_verifies_every_artifact(small):
