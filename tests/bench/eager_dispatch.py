@@ -34,9 +34,18 @@ class Count(TorchDispatchMode):
         self.by_module: collections.Counter[str] = collections.Counter()
         self.kernels: collections.Counter[str] = collections.Counter()  # by module, the operations not views
         self.inside = ["(M2ANet itself)"]
+        self.hooks = []
         for name, module in model.named_children():
-            module.register_forward_pre_hook(lambda *_, name=name: self.inside.append(name) and None)
-            module.register_forward_hook(lambda *_: self.inside.pop() and None)
+            self.hooks += [
+                module.register_forward_pre_hook(lambda *_, name=name: self.inside.append(name) and None),
+                module.register_forward_hook(lambda *_: self.inside.pop() and None),
+            ]
+
+    def __exit__(self, *exc: Any) -> None:
+        """The hooks leave with the count: a model counted twice (or run afterwards) carries none."""
+        for hook in self.hooks:
+            hook.remove()
+        super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.ops[func.overloadpacket.__name__] += 1
