@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from m2anet.bench import layers
 from m2anet.bench.floor import Peaks, floor_seconds, node_bytes, percent_of_floor
 from m2anet.bench.targets import baseline_label
 from m2anet.io import atomic_path, write_json
@@ -32,6 +33,8 @@ def annotate(report: dict[str, Any]) -> None:
     for b in report["backends"]:
         peaks = report["floors"].get(b.get("device_kind", ""))
         model = report["models"].get(model_key(b.get("model", ""), b.get("heads", "")))
+        for profiled in b.get("layers", []) if peaks else ():
+            layers.annotate(profiled, Peaks(**peaks), b["precision"])
         for s in b["steps"]:
             s["floor_ms_per_node"] = s["pct_of_floor"] = None
             if peaks and model:
@@ -267,7 +270,8 @@ def plot_throughput(report: dict[str, Any], path: Path) -> bool:
 
 
 def write(report: dict[str, Any], folder: Path, plots: bool = True) -> dict[str, Path]:
-    """bench.json and bench.md; with `plots`, latency.png and throughput.png too."""
+    """bench.json and bench.md; with `plots`, latency.png and throughput.png too; layers.md and
+    layers.png where backends were profiled layer by layer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,4 +283,12 @@ def write(report: dict[str, Any], folder: Path, plots: bool = True) -> dict[str,
     for name, plot in (("latency", plot_latency), ("throughput", plot_throughput)) if plots else ():
         if plot(report, folder / f"{name}.png"):
             paths[name] = folder / f"{name}.png"
+    if any("layers" in b or "layers_error" in b for b in report["backends"]):
+        paths["layers"] = folder / "layers.md"
+        with atomic_path(paths["layers"]) as tmp:
+            tmp.write_text(layers.report_markdown(report), encoding="utf-8")
+        fig = layers.figure(report) if plots else None
+        if fig is not None:
+            _save(fig, folder / "layers.png")
+            paths["layers_plot"] = folder / "layers.png"
     return paths

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from m2anet.bench import env, floor, report, scenarios, targets
+from m2anet.bench import env, floor, layers, report, scenarios, targets
 from m2anet.bench.scenarios import SCENARIOS, Inputs, Settings
 from m2anet.bench.server_scenario import ServerSettings, find_max_rate, run_server
 from m2anet.engines import Backend, BackendSpec
+from m2anet.engines.torch_backend import TorchBackend
 from m2anet.io import atomic_path, write_json
 from m2anet.manifest import MANIFEST, ArtifactError, read_manifest
 from m2anet.model import model_stats
@@ -48,6 +49,9 @@ class BenchOptions:
     threads: int | None = None
     interleave: bool = False
     """Measure the backends side by side, step by step, in alternating slices (`Settings.interleaved`)."""
+    layers: bool = False
+    """After its steps, profile each PyTorch backend's convolutions (layers.md) at each offline batch size
+    (`layer_batches`)."""
     out: Path | None = None
     matmul_size: int | None = None
     copy_mib: int | None = None
@@ -152,6 +156,30 @@ def _opened(info: dict[str, Any], backend: Backend, t0: float) -> None:
     )
 
 
+def layer_batches(chosen_scenarios: tuple[str, ...], settings: Settings) -> list[int]:
+    """The offline sweep's batch sizes, or without it those of the steps that ran (1 for single nodes)."""
+    if "offline" in chosen_scenarios:
+        return list(settings.batches)
+    return sorted({batch for _, batch in scenarios.plan(chosen_scenarios, settings)})
+
+
+def profile_layers(
+    backend: Backend, info: dict[str, Any], batches: list[int], inputs: Inputs, bar: tqdm
+) -> None:
+    """`layers.profile_layers` of an open backend at each of `batches`, into its report entry; a profile
+    that fails is named there and costs nothing else."""
+    if not isinstance(backend, TorchBackend) or backend.name == "torch-trt":
+        info["layers_error"] = "not PyTorch operators (ONNX Runtime and TensorRT have profilers of their own)"
+        return
+    info["layers"] = []
+    try:
+        for batch in batches:
+            bar.set_description(f"layers {info['backend']} batch {batch}")
+            info["layers"].append(layers.profile_layers(backend, *inputs.batches(batch, 1)[0]))
+    except Exception as e:
+        info["layers_error"] = _error(e)
+
+
 def measure_targets(
     options: BenchOptions, chosen: list[BackendSpec], settings: Settings
 ) -> Generator[list[dict[str, Any]], None, None]:
@@ -190,6 +218,8 @@ def _one_by_one(
                 scenarios.run_backend(
                     backend, chosen_scenarios, settings, inputs, lambda *_: bar.update(1), info["steps"]
                 )
+                if options.layers:
+                    profile_layers(backend, info, layer_batches(chosen_scenarios, settings), inputs, bar)
         except KeyboardInterrupt:
             info["interrupted"] = True
             yield results
@@ -239,6 +269,9 @@ def _interleaved(
                     del running[i]
                     closers[i].close()
                 bar.update(len(measured) + len(failed) * (len(steps) - k))
+                yield results
+            for i, backend in running.items() if options.layers else ():
+                profile_layers(backend, results[i], layer_batches(chosen_scenarios, settings), inputs, bar)
                 yield results
         except KeyboardInterrupt:
             for i in running:

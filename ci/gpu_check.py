@@ -248,7 +248,8 @@ def summary(out: Path) -> str:
         "# ci/gpu-check",
         "",
         f"{machine}. x FP32 is ms/node of `torch:cuda` (IEEE FP32) over the backend's at the same batch;"
-        " % of floor at batch 256. Details: bench/bench.md, verify/*/verify.md, profile.md.",
+        " % of floor at batch 256. Details: bench/bench.md, verify/*/verify.md, profile.md; each convolution"
+        " against its own floor: bench/layers.md.",
         "",
         "| backend | precision | tier | p50 single ms | ms/node @32 | ms/node @256 | % of floor @256 "
         "| x FP32 @1 | x FP32 @32 | x FP32 @256 |",

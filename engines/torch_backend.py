@@ -409,14 +409,17 @@ class TorchBackend(Backend):
             return tuple(o.float() for o in self.forward(ct, mask))
 
     @torch.no_grad()
-    def infer_torch(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Tensors already on the backend's device go in without a copy."""
+    def infer_torch(
+        self, ct: torch.Tensor, mask: torch.Tensor, replay: bool = True
+    ) -> tuple[torch.Tensor, ...]:
+        """Tensors already on the backend's device go in without a copy. `replay=False` launches a CUDA
+        graph's kernels one by one, where a profiler can tell which operator launched each."""
         single = self.pad_single and ct.shape[0] == 1
         if single:
             ct, mask = ct.repeat(2, 1, 1, 1, 1), mask.repeat(2, 1, 1, 1, 1)
         if self.channels_last:
             ct, mask = channels_last(ct), channels_last(mask)
-        out = self.graphs(ct, mask) if self.graphs is not None else self._call(ct, mask)
+        out = self.graphs(ct, mask) if self.graphs is not None and replay else self._call(ct, mask)
         return tuple(o[:1] for o in out) if single else out
 
     def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -20,12 +20,13 @@ import time
 import pytest
 import torch
 
-from m2anet.bench import floor, scenarios, suite, telemetry
+from m2anet.bench import floor, layers, scenarios, suite, telemetry
 from m2anet.bench.ab import Interleaved
 from m2anet.bench.stats import percentile, summarize
 from m2anet.cli import bench as cli
 from m2anet.engines import BackendSpec, environment
 from m2anet.manifest import read_manifest, write_manifest
+from m2anet.model import create_model, model_stats
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -422,6 +423,7 @@ def test_interleaved_run_measures_every_backend_in_slices(small, tmp_path, capsy
     out = tmp_path / "report"
     args = ["--model", "m2anet_small", "--backend", "torch:cpu", f"ort:cpu:{onnx}", "ort:cpu:missing.onnx"]
     args += ["--interleave", "--scenario", "offline", "--batches", "2", "--duration", "0.3", "--warmup", "0"]
+    args += ["--layers"]
     args += [
         "--min-queries",
         "1",
@@ -447,6 +449,64 @@ def test_interleaved_run_measures_every_backend_in_slices(small, tmp_path, capsy
     md = (out / "bench.md").read_text()
     assert "measured interleaved" in md and md in capsys.readouterr().out
     assert (out / "throughput.png").is_file()
+    _check_layers(torch_cpu, ort_cpu, missing, (out / "layers.md").read_text())
+    assert (out / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_layers(profiled, other, missing, md):
+    """--layers: every convolution of the model found, each with its time and floor, and the FLOPs of all
+    of them those of torch's counter for the whole network (convolutions are nearly all of it)."""
+    (table,) = profiled["layers"]
+    rows = table["rows"]
+    model = create_model("m2anet_small", pretrained=False)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d | torch.nn.ConvTranspose3d)]
+    assert sum(len(r["layers"]) for r in rows) == len(convs) and len(rows) < len(convs)  # shared rows
+    assert all(r["ms"] > 0 and r["floor_ms"] > 0 and r["pct_of_floor"] > 0 for r in rows), rows
+    assert table["unmatched_conv_ms"] == 0 and table["rest_ms"] > 0
+    assert sum(r["ms"] for r in rows) + table["rest_ms"] == pytest.approx(table["total_ms"])
+    flops = model_stats("m2anet_small")["flops_per_node"] * table["batch"]
+    assert 0.99 * flops <= sum(r["gflop"] for r in rows) * 1e9 <= flops
+    assert "layers" not in other and "not PyTorch operators" in other["layers_error"]
+    assert "layers" not in missing
+    assert md.count("| s1.0.0 | 1×16×64×64 → 8×16×64×64 |") == 1 and md.count("| everything else |") == 1
+    assert f"* {other['backend']}: not PyTorch operators" in md
+
+
+@needs_gpu
+def test_gpu_layer_profile_attributes_every_convolution_of_a_cuda_graph():
+    """On CUDA the kernels each convolution launched are its time; a backend that replays CUDA graphs is
+    profiled with the same kernels launched one by one, so none is lost to the graph."""
+    from m2anet.engines.torch_backend import TorchBackend
+
+    ct, mask = scenarios.Inputs(4).batches(4, 1)[0]
+    with TorchBackend("m2anet_small", device="cuda", precision="fp16", cuda_graphs=True) as backend:
+        backend.infer(ct, mask)  # the graph captured first, as m2a-bench leaves it
+        table = layers.profile_layers(backend, ct, mask)
+    assert table["timer"] == "CUDA kernels" and table["unmatched_conv_ms"] == 0
+    assert all(r["ms"] > 0 for r in table["rows"]) and table["rest_ms"] > 0
+
+
+def test_a_single_node_is_profiled_as_the_pair_the_cpu_runs():
+    from m2anet.engines.torch_backend import TorchBackend
+
+    ct, mask = scenarios.Inputs(4).batches(1, 1)[0]
+    with TorchBackend("m2anet_small") as backend:
+        table = layers.profile_layers(backend, ct, mask, calls=1)
+    assert (table["batch"], table["ran_as"], table["unmatched_conv_ms"]) == (1, 2, 0)
+    assert all(r["ms"] > 0 and r["input"][0] == 2 for r in table["rows"])
+
+
+def test_convolutions_are_found_in_the_operators_that_run_them():
+    """The profiler names an operator without its overload: the input and weight are found by the schema
+    that has as many arguments as the call, as eager PyTorch, inductor's cuDNN calls and a frozen CPU graph's
+    oneDNN kernels (whose binary form takes the residual first) call them."""
+    assert layers._conv_arguments("aten::convolution", 9) == (0, 1)
+    assert layers._conv_arguments("mkldnn::_convolution_pointwise", 10) == (0, 1)
+    assert layers._conv_arguments("mkldnn::_convolution_pointwise", 13) == (0, 2)
+    assert layers._conv_arguments("mkldnn::_convolution_pointwise_", 13) == (1, 2)
+    assert layers._conv_arguments("mkldnn::_convolution_transpose_pointwise", 11) == (0, 1)
+    assert layers._conv_arguments("aten::relu", 1) is None
+    assert layers._conv_arguments("aten::_convolution_double_backward", 13) is None
 
 
 # --- --compare --------------------------------------------------------------------------------

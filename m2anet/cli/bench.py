@@ -91,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
         help="open every backend at once and measure each step on all of them in alternating slices, so "
         "their ratios hold on a machine whose speed drifts",
     )
+    ap.add_argument(
+        "--layers",
+        action="store_true",
+        help="after its steps, profile each PyTorch backend's convolutions, each against its own floor, at "
+        "each offline batch size, or without the offline scenario each batch size that ran (layers.md)",
+    )
     ap.add_argument("--out", type=output_dir, help="report folder (default: ARTIFACTS/MODEL/bench)")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     ap.add_argument(
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         study_nodes=args.study_nodes,
         threads=args.threads,
         interleave=args.interleave,
+        layers=args.layers,
         out=args.out,
         matmul_size=args.matmul_size,
         copy_mib=args.copy_mib,
