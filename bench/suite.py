@@ -25,7 +25,6 @@ from m2anet.bench import env, floor, layers, report, scenarios, targets
 from m2anet.bench.scenarios import SCENARIOS, Inputs, Settings
 from m2anet.bench.server_scenario import ServerSettings, find_max_rate, run_server
 from m2anet.engines import Backend, BackendSpec
-from m2anet.engines.torch_backend import TorchBackend
 from m2anet.io import atomic_path, write_json
 from m2anet.manifest import MANIFEST, ArtifactError, read_manifest
 from m2anet.model import model_stats
@@ -168,8 +167,9 @@ def profile_layers(
 ) -> None:
     """`layers.profile_layers` of an open backend at each of `batches`, into its report entry; a profile
     that fails is named there and costs nothing else."""
-    if not isinstance(backend, TorchBackend) or backend.name == "torch-trt":
-        info["layers_error"] = "not PyTorch operators (ONNX Runtime and TensorRT have profilers of their own)"
+    reason = layers.not_profiled(backend)
+    if reason is not None:
+        info["layers_error"] = reason
         return
     info["layers"] = []
     try:

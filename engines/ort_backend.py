@@ -115,26 +115,35 @@ class OrtBackend(Backend):
                 "install onnxruntime-gpu (m2anet[gpu]) or use ort:cpu"
             )
         manifest = read_manifest(path.parent)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        if device == "cpu" and entry["precision"] == "int8":
-            # On x64 without VNNI (AVX2 only) ONNX Runtime's fused u8s8 QLinearConv keeps pairwise sums
-            # in 16 bits and overflows: the segmentation mask of the INT8 graph fell to Dice 0.81.
-            # The u8u8 kernel is exact; ORT documents the switch and ignores it on other CPUs.
-            options.add_session_config_entry("session.x64quantprecision", "1")
-        self.session = ort.InferenceSession(
-            str(path), options, providers=provider_options(manifest, path, device)
-        )
-        # `device` says where it runs (cpu or cuda); the provider is in the name
+        self.path, self.threads, self.provider = path, threads, device
         self.name, self.precision = f"ort:{device}", entry["precision"]
+        self.session = self.new_session(manifest)
+        # `device` says where it runs (cpu or cuda); the provider is in the name
         self.device = "cpu" if device == "cpu" else "cuda"
         # the TensorRT provider's engine covers the manifest's profile: larger batches are split
         self.max_batch = int(manifest["batch_profile"]["max"]) if device == "trt" else None
         self.outputs = tuple(o.name for o in self.session.get_outputs())
-        self.path = path
         self.sha256 = entry["sha256"]
+
+    def new_session(
+        self, manifest: dict[str, Any], profile_prefix: str | None = None
+    ) -> ort.InferenceSession:
+        """A session of this backend's graph, threads and providers. With `profile_prefix` it records ONNX
+        Runtime's per-node profile (`end_profiling()` returns the JSON file's name): profiling is a session
+        option, fixed when the session loads."""
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3
+        if self.provider == "cpu" and self.precision == "int8":
+            # On x64 without VNNI (AVX2 only) ONNX Runtime's fused u8s8 QLinearConv keeps pairwise sums
+            # in 16 bits and overflows: the segmentation mask of the INT8 graph fell to Dice 0.81.
+            # The u8u8 kernel is exact; ORT documents the switch and ignores it on other CPUs.
+            options.add_session_config_entry("session.x64quantprecision", "1")
+        if profile_prefix is not None:
+            options.enable_profiling, options.profile_file_prefix = True, profile_prefix
+        providers = provider_options(manifest, self.path, self.provider)
+        return ort.InferenceSession(str(self.path), options, providers=providers)
 
     def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
         if self.device == "cpu":

@@ -24,7 +24,7 @@ from onnxruntime.quantization.qdq_loss_debug import (
 from m2anet.data import Cohort, load_split
 from m2anet.engines.base import run_cohort
 from m2anet.engines.ort_backend import OrtBackend
-from m2anet.export.int8 import Calibration, CalibrationReader, quantize_int8
+from m2anet.export.int8 import PLACEMENTS, Calibration, CalibrationReader, quantize_int8
 from m2anet.io import sha256_file
 from m2anet.manifest import TRUSTED_KEY_ENV, artifact_entry, trusted_key, write_manifest
 from m2anet.parity import TIERS, compare
@@ -73,7 +73,13 @@ def diagnose_int8(int8: Path, reference: list[np.ndarray], cohort: Cohort, thres
             quantize_int8(
                 fp32,
                 candidate,
-                Calibration(calib["method"], calib["nodes"], target=calib["target"], exclude=exclude),
+                Calibration(
+                    calib["method"],
+                    calib["nodes"],
+                    target=calib["target"],
+                    exclude=exclude,
+                    residual=calib.get("placement") != PLACEMENTS[False],  # the artifact's placement
+                ),
                 cohort=calibration,
                 cache=folder / "calibration.json",
             )

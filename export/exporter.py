@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from m2anet.engines.ort_backend import OrtBackend
 from m2anet.engines.torch_backend import TorchBackend
 from m2anet.engines.trt_backend import TensorRTBackend
 from m2anet.export.fp16 import convert_fp16
-from m2anet.export.int8 import QDQ_PLACEMENT, Calibration, Target, calibration_search, quantize_int8
+from m2anet.export.int8 import PLACEMENTS, Calibration, Target, calibration_search, quantize_int8
 from m2anet.export.onnx_export import ExportError, export_fp32, io_signature, max_abs_diff
 from m2anet.export.tensorrt_build import build_engine
 from m2anet.io import sha256_file
@@ -289,7 +290,7 @@ class Exporter:
             a = self.args
             recipe["calibration"] = {
                 "method": a.calib_method, "size": a.calib_size, "target": a.int8_target,
-                "exclude": list(a.int8_exclude), "placement": QDQ_PLACEMENT,
+                "exclude": list(a.int8_exclude), "placements": [PLACEMENTS[True], PLACEMENTS[False]],
             }  # fmt: skip
         old = self.reusable(name, recipe)
         if precision == "int8" and old is not None and not self.parity_current(old):
@@ -318,53 +319,67 @@ class Exporter:
         return self.artifacts[name]
 
     def search_int8(self, name: str, recipe: dict) -> dict:
-        """Calibrate with each of `calibration_search`'s choices in turn until the graph passes its
-        tier and the stress inputs; when none does, the one closest to passing is written (and fails).
-        Every try is recorded in the entry's calibration, so the manifest says why this one. The
-        closest failing graph so far waits beside the folder's temporary files (an interrupted run
-        removes it), so choosing it costs a rename instead of a second calibration."""
+        """Calibrate with each of `calibration_search`'s choices in turn, each with the residual Adds'
+        skip inputs quantized and then without (`PLACEMENTS`), until the graph passes its tier and the
+        stress inputs; when none does, the one closest to passing is written (and fails).
+        Every try is recorded in the entry's calibration, so the manifest says why this one. The second
+        placement reads the first's ranges from ONNX Runtime's calibration cache instead of calibrating
+        again. The closest failing graph so far waits beside the folder's temporary files (an
+        interrupted run removes it), so choosing it costs a rename instead of a second calibration."""
         a = self.args
         choices = [
-            Calibration(method, size, target=a.int8_target, exclude=tuple(a.int8_exclude))
+            Calibration(method, size, target=a.int8_target, exclude=tuple(a.int8_exclude), residual=residual)
             for method, size in calibration_search(a.calib_method, a.calib_size)
+            for residual in (True, False)
         ]
         trials: list[dict] = []
         closest: tuple[tuple, dict] | None = None  # (distance from passing, entry) of the stashed graph
         stash = self.folder / f".partial-closest-{name}"
-        for calib in choices:
-            self.build_onnx(name, "int8", recipe, calib)
-            entry = self.check_onnx(name, "int8")
-            report = entry["parity"]
-            stress_max = max(r["prob_max_abs"] for r in report["stress"])
-            trials.append(
-                {
-                    "method": calib.method, "nodes": calib.size, "passed": report["passed"],
-                    "failures": report["failures"], "label_flips": report["label_flips"],
-                    "prob_max_abs": report["prob_max_abs"], "stress_prob_max_abs": stress_max,
-                }
-            )  # fmt: skip
-            if report["passed"]:
-                break
-            distance = (len(report["failures"]), report["label_flips"], stress_max)
-            if closest is None or distance < closest[0]:
-                os.replace(self.folder / name, stash)
-                closest = (distance, entry)
-        else:
-            assert closest is not None
-            os.replace(stash, self.folder / name)
-            self.artifacts[name] = closest[1]
-        stash.unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(prefix="m2a-calibration-") as tmp:
+            caches = Path(tmp)
+            for calib in choices:
+                self.build_onnx(name, "int8", recipe, calib, caches / f"{calib.method}-{calib.size}.json")
+                entry = self.check_onnx(name, "int8")
+                report = entry["parity"]
+                stress_max = max(r["prob_max_abs"] for r in report["stress"])
+                trials.append(
+                    {
+                        "method": calib.method, "nodes": calib.size, "placement": PLACEMENTS[calib.residual],
+                        "passed": report["passed"],
+                        "failures": report["failures"], "label_flips": report["label_flips"],
+                        "prob_max_abs": report["prob_max_abs"], "stress_prob_max_abs": stress_max,
+                    }
+                )  # fmt: skip
+                if report["passed"]:
+                    break
+                distance = (len(report["failures"]), report["label_flips"], stress_max)
+                if closest is None or distance < closest[0]:
+                    os.replace(self.folder / name, stash)
+                    closest = (distance, entry)
+            else:
+                assert closest is not None
+                os.replace(stash, self.folder / name)
+                self.artifacts[name] = closest[1]
+            stash.unlink(missing_ok=True)
         entry = self.artifacts[name]
         entry["calibration"]["trials"] = trials
         self.write_manifest()
         if len(trials) > 1:
             tried = ", ".join(
-                f"{t['method']}/{t['nodes']} {'passes' if t['passed'] else 'fails'}" for t in trials
+                f"{t['method']}/{t['nodes']} on {t['placement']} {'passes' if t['passed'] else 'fails'}"
+                for t in trials
             )
             self.log("int8", f"calibrations tried: {tried}", 0.0)
         return entry
 
-    def build_onnx(self, name: str, precision: str, recipe: dict, calib: Calibration | None = None) -> None:
+    def build_onnx(
+        self,
+        name: str,
+        precision: str,
+        recipe: dict,
+        calib: Calibration | None = None,
+        calib_cache: Path | None = None,
+    ) -> None:
         path = self.folder / name
         t0 = time.perf_counter()
         extra: dict[str, Any] = {}
@@ -390,7 +405,9 @@ class Exporter:
                 file=sys.stderr,
                 leave=False,
             )
-            extra["calibration"] = quantize_int8(self.folder / "model.fp32.onnx", path, calib, bar.update)
+            extra["calibration"] = quantize_int8(
+                self.folder / "model.fp32.onnx", path, calib, bar.update, cache=calib_cache
+            )
             bar.close()
         if precision != "fp32":
             extra["source"] = "model.fp32.onnx"

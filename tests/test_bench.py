@@ -455,7 +455,8 @@ def test_interleaved_run_measures_every_backend_in_slices(small, tmp_path, capsy
 
 def _check_layers(profiled, other, missing, md):
     """--layers: every convolution of the model found, each with its time and floor, and the FLOPs of all
-    of them those of torch's counter for the whole network (convolutions are nearly all of it)."""
+    of them those of torch's counter for the whole network (convolutions are nearly all of it); the same
+    rows from ONNX Runtime's profile of the exported graph."""
     (table,) = profiled["layers"]
     rows = table["rows"]
     model = create_model("m2anet_small", pretrained=False)
@@ -466,10 +467,12 @@ def _check_layers(profiled, other, missing, md):
     assert sum(r["ms"] for r in rows) + table["rest_ms"] == pytest.approx(table["total_ms"])
     flops = model_stats("m2anet_small")["flops_per_node"] * table["batch"]
     assert 0.99 * flops <= sum(r["gflop"] for r in rows) * 1e9 <= flops
-    assert "layers" not in other and "not PyTorch operators" in other["layers_error"]
-    assert "layers" not in missing
-    assert md.count("| s1.0.0 | 1×16×64×64 → 8×16×64×64 |") == 1 and md.count("| everything else |") == 1
-    assert f"* {other['backend']}: not PyTorch operators" in md
+    assert "layers" not in missing and "layers_error" not in missing
+    (table,) = other["layers"]  # ONNX Runtime's own per-node profile, the same rows
+    assert [r["layers"] for r in table["rows"]] == [r["layers"] for r in rows]
+    assert all(r["ms"] > 0 for r in table["rows"]) and table["unmatched_conv_ms"] == 0, table
+    assert table["timer"] == "ONNX Runtime nodes" and table["rest_ms"] > 0
+    assert md.count("| s1.0.0 | 1×16×64×64 → 8×16×64×64 |") == 2 and md.count("| everything else |") == 2
 
 
 @needs_gpu
@@ -499,14 +502,18 @@ def test_a_single_node_is_profiled_as_the_pair_the_cpu_runs():
 def test_convolutions_are_found_in_the_operators_that_run_them():
     """The profiler names an operator without its overload: the input and weight are found by the schema
     that has as many arguments as the call, as eager PyTorch, inductor's cuDNN calls and a frozen CPU graph's
-    oneDNN kernels (whose binary form takes the residual first) call them."""
-    assert layers._conv_arguments("aten::convolution", 9) == (0, 1)
-    assert layers._conv_arguments("mkldnn::_convolution_pointwise", 10) == (0, 1)
-    assert layers._conv_arguments("mkldnn::_convolution_pointwise", 13) == (0, 2)
-    assert layers._conv_arguments("mkldnn::_convolution_pointwise_", 13) == (1, 2)
-    assert layers._conv_arguments("mkldnn::_convolution_transpose_pointwise", 11) == (0, 1)
-    assert layers._conv_arguments("aten::relu", 1) is None
-    assert layers._conv_arguments("aten::_convolution_double_backward", 13) is None
+    oneDNN kernels (whose binary form takes the residual first) call them; ONNX Runtime's operators by the
+    schemas it registers, its own (FusedConv) included."""
+    assert layers._torch_conv_arguments("aten::convolution", 9) == (0, 1)
+    assert layers._torch_conv_arguments("mkldnn::_convolution_pointwise", 10) == (0, 1)
+    assert layers._torch_conv_arguments("mkldnn::_convolution_pointwise", 13) == (0, 2)
+    assert layers._torch_conv_arguments("mkldnn::_convolution_pointwise_", 13) == (1, 2)
+    assert layers._torch_conv_arguments("mkldnn::_convolution_transpose_pointwise", 11) == (0, 1)
+    assert layers._torch_conv_arguments("aten::relu", 1) is None
+    assert layers._torch_conv_arguments("aten::_convolution_double_backward", 13) is None
+    assert layers._onnx_conv_arguments("Conv") == layers._onnx_conv_arguments("FusedConv") == (0, 1)
+    assert layers._onnx_conv_arguments("QLinearConv") == (0, 3)  # x, x_scale, x_zero_point, w, ...
+    assert layers._onnx_conv_arguments("Relu") is None
 
 
 # --- --compare --------------------------------------------------------------------------------

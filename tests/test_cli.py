@@ -90,6 +90,14 @@ def test_fitting_the_outline_term_needs_trained_weights(tmp_path, monkeypatch, c
     assert list(tmp_path.iterdir()) == []
 
 
+def test_layer_profiles_are_refused_under_the_server_scenario(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _exit(bench.main, ["--scenario", "server", "--layers"]) == 2
+    errors = _errors(capsys, "m2a-bench")
+    assert len(errors) == 1 and "--layers" in errors[0] and "drop one" in errors[0], errors
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("prog", CLIS)
 def test_version_prints_the_version_and_runs_nothing(tmp_path, monkeypatch, capsys, prog):
     monkeypatch.chdir(tmp_path)

@@ -9,12 +9,15 @@ import pytest
 
 from m2anet import create_model
 from m2anet.cli import export as cli
+from m2anet.data import load_split
 from m2anet.engines import InputError, open_backend
 from m2anet.export.int8 import (
     CALIB_SEARCH,
     DEFAULT_CALIB_SIZE,
-    QDQ_PLACEMENT,
+    PLACEMENTS,
+    Calibration,
     calibration_search,
+    quantize_int8,
     residual_adds,
 )
 from m2anet.export.onnx_export import export_fp32, max_abs_diff
@@ -79,30 +82,50 @@ def test_int8_graph_has_symmetric_qdq_for_tensorrt(small):
     assert entry["calibration"]["nodes"] == 64 and len(entry["calibration"]["sha256"]) == 64
 
 
-def test_int8_graph_quantizes_the_skip_input_of_each_residual_add(small):
+def test_int8_graph_quantizes_the_skip_input_of_each_residual_add(small, tmp_path):
     """TensorRT fuses conv2, the residual Add and its ReLU into an INT8 kernel with an INT8 output when
     the skip input is quantized and the main one is not: one Add per ResBlock (7 in m2anet_small), each
     reading conv2's float output and a dequantized skip, its own output read by the ReLU as it is; no
-    other Add reads a DequantizeLinear."""
-    proto = onnx.load(str(small / "model.int8.onnx"))
-    producer = {out: n.op_type for n in proto.graph.node for out in n.output}
-    readers: dict[str, list[str]] = {}
-    for n in proto.graph.node:
-        for t in n.input:
-            readers.setdefault(t, []).append(n.op_type)
-    residual = residual_adds(onnx.load(str(small / "model.fp32.onnx")).graph)
+    other Add reads a DequantizeLinear. The fallback, from the same ranges, is ONNX Runtime's placement
+    for convolutions: a Q/DQ pair on every convolution's output as on its inputs, so conv2's output reaches
+    the Add dequantized."""
+    fp32 = small / "model.fp32.onnx"
+    residual = residual_adds(onnx.load(str(fp32)).graph)
     assert len(residual) == 7
-    for node in proto.graph.node:
-        if node.op_type != "Add":
-            continue
-        sources = sorted(producer.get(t, "constant") for t in node.input)
-        if node.name in residual:
-            assert sources == ["Conv", "DequantizeLinear"], node.name
-            assert readers[node.output[0]] == ["Relu"], node.name  # the Add's output stays float
-        else:
-            assert "DequantizeLinear" not in sources, node.name
+    cohort, cache = load_split("calib", n=16), tmp_path / "calibration.json"
+    for placement in (True, False):
+        path = tmp_path / f"residual-{placement}.onnx"
+        calib = Calibration("max", 16, target="tensorrt", residual=placement)
+        record = quantize_int8(fp32, path, calib, cohort=cohort, cache=cache)
+        assert record["placement"] == PLACEMENTS[placement] and record["residual_adds"] == 7 * placement
+        proto = onnx.load(str(path))
+        producer = {out: n.op_type for n in proto.graph.node for out in n.output}
+        readers: dict[str, list[str]] = {}
+        for n in proto.graph.node:
+            for t in n.input:
+                readers.setdefault(t, []).append(n.op_type)
+        convs = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+        float_outputs = [n for n in convs if readers[n.output[0]] != ["QuantizeLinear"]]
+        assert len(convs) == 31 and len(float_outputs) == 7 * placement
+        for node in proto.graph.node if placement else ():
+            if node.op_type != "Add":
+                continue
+            sources = sorted(producer.get(t, "constant") for t in node.input)
+            if node.name in residual:
+                assert sources == ["Conv", "DequantizeLinear"], node.name
+                assert readers[node.output[0]] == ["Relu"], node.name  # the Add's output stays float
+            else:
+                assert "DequantizeLinear" not in sources, node.name
+
+
+def test_int8_export_records_each_placement_it_tried(small):
+    """The export tries the residual placement first and falls back to convolution inputs only at the same
+    calibration; the manifest says which placement each try had and which was kept."""
     calibration = artifact_entry(small / "model.int8.onnx")["calibration"]
-    assert calibration["placement"] == QDQ_PLACEMENT and calibration["residual_adds"] == 7
+    trials = calibration["trials"]
+    assert [t["placement"] for t in trials] == [PLACEMENTS[k % 2 == 0] for k in range(len(trials))]
+    assert calibration["placement"] == trials[-1]["placement"]
+    assert calibration["residual_adds"] == (7 if calibration["placement"] == PLACEMENTS[True] else 0)
 
 
 def test_manifest_describes_and_verifies_every_artifact(small):
@@ -212,10 +235,12 @@ def test_int8_search_keeps_the_calibration_closest_to_passing(refused_int8):
     assert not list(folder.glob(".partial-*"))
     calibration = entry["calibration"]
     trials = calibration["trials"]
-    assert [(t["method"], t["nodes"]) for t in trials] == [("percentile", 8), ("max", 8)]
+    tried = [(t["method"], t["nodes"], t["placement"]) for t in trials]
+    assert tried == [(m, 8, PLACEMENTS[r]) for m in ("percentile", "max") for r in (True, False)]
     assert not any(t["passed"] for t in trials) and all(t["failures"] for t in trials)
     best = min(trials, key=lambda t: (len(t["failures"]), t["label_flips"], t["stress_prob_max_abs"]))
-    assert (calibration["method"], calibration["nodes"]) == (best["method"], best["nodes"])
+    kept = (calibration["method"], calibration["nodes"], calibration["placement"])
+    assert kept == (best["method"], best["nodes"], best["placement"])
 
 
 def test_parity_runs_m2a_verify_stress_inputs(small):

@@ -152,7 +152,10 @@ def print_selection(selection: dict[str, Any], folder: Path, to_stderr: bool) ->
 @interruptible("m2a-bench")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.layers and args.scenario == "server":
+        ap.error("--layers profiles the latency/throughput suite, not --scenario server: drop one of them")
     if args.compare:
         old, new = args.compare  # nargs=2
         return compare.main(old, new, args.threshold)
