@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import conv_flop_count
 
@@ -113,7 +114,9 @@ def not_profiled(backend: Backend) -> str | None:
 def profile_layers(backend: Backend, ct: np.ndarray, mask: np.ndarray, calls: int = CALLS) -> dict[str, Any]:
     """Time per forward of each convolution of `backend` on one batch (`ct`, `mask`), and of the rest."""
     if isinstance(backend, OrtBackend):
-        model = read_manifest(backend.path.parent)["model"]
+        model = read_manifest(backend.path.parent).get("model")
+        if model is None:
+            raise ValueError(f"{backend.path.parent}'s manifest names no model: profile an m2a-export folder")
         rows = convolutions(get_config(model["name"]), model["heads"], len(ct))
         total, timed = _onnx_runtime_times(backend, ct, mask, calls)
         return _attribute(rows, timed, total, len(ct), len(ct), calls, "ONNX Runtime nodes")
@@ -214,11 +217,17 @@ def _torch_times(
     def seconds(event: Any) -> float:
         return (event.device_time_total if cuda else event.cpu_time_total) / 1e6
 
-    events = prof.events()
-    total = sum(seconds(e) for e in events if e.cpu_parent is None)
+    # the device's own events (kernels, copies) are listed beside the operators that launched them
+    operators = [e for e in prof.events() if e.device_type == DeviceType.CPU]
+    if cuda:
+        total = (
+            sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+        )
+    else:
+        total = sum(seconds(e) for e in operators if e.cpu_parent is None)
     timed: list[Timed] = [
         (*shapes, None, seconds(e))
-        for e in events
+        for e in operators
         if (shapes := _torch_conv(e)) is not None and _outermost(e)
     ]
     return total, timed
