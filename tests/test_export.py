@@ -150,7 +150,7 @@ def test_every_artifact_runs_through_open_backend(small, test_split, precision):
 
 def test_rerun_reuses_valid_artifacts(small, capsys):
     args = ["--model", "m2anet_small", "--precision", "all", "--out", str(small.parent), "--json"]
-    assert cli.main([*args, "--parity-nodes", "24", "--calib-size", "64"]) == 0
+    assert cli.main([*args, "--parity-nodes", "24", "--calib-method", "max", "--calib-size", "64"]) == 0
     stages = json.loads(capsys.readouterr().out)["stages"]
     assert sum("reused" in s["result"] for s in stages) == 3
 
@@ -353,6 +353,8 @@ def _rerun(folder, *extra):
         str(folder.parent),
         "--parity-nodes",
         "24",
+        "--calib-method",
+        "max",
         "--calib-size",
         "64",
     ]
