@@ -180,8 +180,43 @@ def summary_rows(bench: dict[str, Any] | None, verified: dict[str, Any]) -> list
     return list(rows.values())
 
 
+def _passing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("verify", {}).get("passed") and not r.get("error")]
+
+
+def _best_at_256(rows: list[dict[str, Any]]) -> tuple[float, str] | None:
+    """(% of floor, backend) of the passing path closest to its floor at batch 256."""
+    floors = [
+        (r["pct_of_floor"].get(256), r["backend"]) for r in _passing(rows) if r["pct_of_floor"].get(256)
+    ]
+    return max(floors, default=None)
+
+
+def _slowest_layers(bench: dict[str, Any] | None, backend: str, count: int = 6) -> list[str]:
+    """The convolutions that take most of `backend`'s forward at batch 256 (m2a-bench --layers), each with
+    its share and how far it is from its own floor: where the 25% goal is won or lost."""
+    entry = next((b for b in (bench or {}).get("backends", []) if b["backend"] == backend), {})
+    table = next((t for t in entry.get("layers", []) if t["batch"] == 256), None)
+    if table is None:
+        return []
+    total = table["total_ms"]
+    lines = [
+        f"## Where batch 256 goes: {backend}, {total:.2f} ms of kernels per forward",
+        "",
+        "| convolution(s) | ms | % of its floor | share |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in sorted(table["rows"], key=lambda r: r["ms"], reverse=True)[:count]:
+        lines.append(
+            f"| {', '.join(r['layers'])} | {r['ms']:.3f} | {_fmt(r.get('pct_of_floor'), '.1f')} "
+            f"| {100 * r['ms'] / total:.1f}% |"
+        )
+    lines += [f"| everything else | {table['rest_ms']:.3f} | | {100 * table['rest_ms'] / total:.1f}% |", ""]
+    return lines
+
+
 def _goals(rows: list[dict[str, Any]], train: dict[str, Any] | None) -> list[str]:
-    passing = [r for r in rows if r.get("verify", {}).get("passed") and not r.get("error")]
+    passing = _passing(rows)
     lines = ["| goal | measured | met |", "| --- | --- | --- |"]
 
     def goal(text: str, measured: str, met: bool | None) -> None:
@@ -194,8 +229,7 @@ def _goals(rows: list[dict[str, Any]], train: dict[str, Any] | None) -> list[str
         f"{best[0]:.3f} ms, {best[1]}" if best else "-",
         None if best is None else best[0] <= GOALS["single_p50_ms"],
     )
-    floors = [(r["pct_of_floor"].get(256), r["backend"]) for r in passing if r["pct_of_floor"].get(256)]
-    top = max(floors, default=None)
+    top = _best_at_256(rows)
     goal(
         f"batch 256 >= {GOALS['pct_of_floor_256']:.0f}% of the floor (best passing path)",
         f"{top[0]:.1f}%, {top[1]}" if top else "-",
@@ -269,6 +303,8 @@ def summary(out: Path) -> str:
             + " |"
         )
     lines += ["", "## Goals (issue 11)", "", *_goals(rows, train), ""]
+    best = _best_at_256(rows)
+    lines += _slowest_layers(bench, best[1]) if best else []
     text = "\n".join(lines)
     (out / "summary.md").write_text(text)
     return text

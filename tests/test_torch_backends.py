@@ -644,6 +644,12 @@ def test_check_summary_table_and_goals(tmp_path):
         "torch-compile:cuda:fp16": {"passed": True, "tier": "fp16", "precision": "fp16", "failures": []},
         "torch:cuda:bf16": {"passed": False, "tier": "bf16", "precision": "bf16", "failures": ["x"]},
     }
+    layer = {"layers": ["s1.0.0"], "ms": 1.0, "pct_of_floor": 4.0}
+    bench["backends"][2]["layers"] = [
+        {"batch": 32, "total_ms": 4.0, "rest_ms": 1.0, "rows": [layer]},
+        {"batch": 256, "total_ms": 20.0, "rest_ms": 5.0, "rows": [
+            layer | {"ms": 3.0}, {"layers": ["up1.conv.0"], "ms": 12.0, "pct_of_floor": 30.0}]},
+    ]  # fmt: skip
     train = {"model": "m2anet_base", "batch": 32, "precision": "bf16", "nodes_per_s": 950.0}
     for path, obj in (("bench/bench.json", bench), ("verify/summary.json", verified),
                       ("train/m2anet_base.throughput.json", train)):  # fmt: skip
@@ -669,6 +675,13 @@ def test_check_summary_table_and_goals(tmp_path):
     assert not any("fold_bn" in goal for goal in goals)
     assert goals["every GPU backend passes its parity tier"] == "NO"
     assert goals["training >= 800 nodes/s at batch 32"] == "yes"
+    # the best path's batch-256 convolutions, slowest first (its batch-32 table is not this one)
+    where = text.split("## Where batch 256 goes: torch-compile:cuda:fp16, 20.00 ms")[1].splitlines()
+    assert [line for line in where if line.startswith("| ") and "---" not in line][1:] == [
+        "| up1.conv.0 | 12.000 | 30.0 | 60.0% |",
+        "| s1.0.0 | 3.000 | 4.0 | 15.0% |",
+        "| everything else | 5.000 | | 25.0% |",
+    ]
 
 
 # --- on a GPU ---------------------------------------------------------------------------------
