@@ -41,7 +41,6 @@ from m2anet.bench.floor import WEIGHT_BYTES, Peaks, floor_seconds, percent_of_fl
 from m2anet.engines.base import Backend
 from m2anet.engines.ort_backend import OrtBackend
 from m2anet.engines.torch_backend import TorchBackend
-from m2anet.manifest import read_manifest
 from m2anet.model import Heads, M2ANet, M2ANetConfig, get_config
 
 CALLS = 5
@@ -53,20 +52,25 @@ Timed = tuple[Sequence[int], Sequence[int] | None, Sequence[int] | None, float]
 torch profiler records no outputs, ONNX Runtime's no prepacked weights) and its seconds."""
 
 
+def _dims(shape: Sequence[int]) -> tuple[int, ...]:
+    """A shape's dimensions in order of size: the same for any layout of the same tensor."""
+    return tuple(sorted(shape))
+
+
 def _key(x: Sequence[int], w: Sequence[int]) -> Key:
-    return tuple(sorted(x)), tuple(sorted(w))
+    return _dims(x), _dims(w)
 
 
 def _row_of(
     rows: list[dict[str, Any]], x: Sequence[int], w: Sequence[int] | None, out: Sequence[int] | None
-) -> dict[str, Any] | None:
-    """The one row whose shapes are those recorded, each compared by its dimensions in order of size."""
+) -> int | None:
+    """The index of the one row whose shapes are those recorded (`w` or `out` None: not recorded)."""
     found = [
-        row
-        for row in rows
-        if sorted(row["input"]) == sorted(x)
-        and (w is None or sorted(row["weight"]) == sorted(w))
-        and (out is None or sorted(row["output"]) == sorted(out))
+        i
+        for i, row in enumerate(rows)
+        if _dims(row["input"]) == _dims(x)
+        and (w is None or _dims(row["weight"]) == _dims(w))
+        and (out is None or _dims(row["output"]) == _dims(out))
     ]
     return found[0] if len(found) == 1 else None
 
@@ -114,7 +118,7 @@ def not_profiled(backend: Backend) -> str | None:
 def profile_layers(backend: Backend, ct: np.ndarray, mask: np.ndarray, calls: int = CALLS) -> dict[str, Any]:
     """Time per forward of each convolution of `backend` on one batch (`ct`, `mask`), and of the rest."""
     if isinstance(backend, OrtBackend):
-        model = read_manifest(backend.path.parent).get("model")
+        model = backend.manifest.get("model")
         if model is None:
             raise ValueError(f"{backend.path.parent}'s manifest names no model: profile an m2a-export folder")
         rows = convolutions(get_config(model["name"]), model["heads"], len(ct))
@@ -142,11 +146,11 @@ def _attribute(
     spent = [0.0] * len(rows)
     unknown = 0.0
     for x, w, out, seconds in timed:
-        row = _row_of(rows, x, w, out)
-        if row is None:
+        i = _row_of(rows, x, w, out)
+        if i is None:
             unknown += seconds
         else:
-            spent[rows.index(row)] += seconds
+            spent[i] += seconds
     for row, seconds in zip(rows, spent, strict=True):
         row["ms"] = seconds * 1e3 / calls
     return {
@@ -253,7 +257,7 @@ def _onnx_runtime_times(
     """ONNX Runtime's per-node profile of `calls` runs in a second session of the same graph and options
     (after two more that the profile also holds, left out): each node's kernel time."""
     with tempfile.TemporaryDirectory() as folder:
-        session = backend.new_session(read_manifest(backend.path.parent), str(Path(folder) / "profile"))
+        session = backend.new_session(str(Path(folder) / "profile"))
         for _ in range(2 + calls):
             session.run(None, {"ct": ct, "mask": mask})
         events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))

@@ -114,10 +114,10 @@ class OrtBackend(Backend):
                 f"ONNX Runtime here has no {PROVIDERS[device][0]} (has {', '.join(available)}): "
                 "install onnxruntime-gpu (m2anet[gpu]) or use ort:cpu"
             )
-        manifest = read_manifest(path.parent)
+        self.manifest = manifest = read_manifest(path.parent)
         self.path, self.threads, self.provider = path, threads, device
         self.name, self.precision = f"ort:{device}", entry["precision"]
-        self.session = self.new_session(manifest)
+        self.session = self.new_session()
         # `device` says where it runs (cpu or cuda); the provider is in the name
         self.device = "cpu" if device == "cpu" else "cuda"
         # the TensorRT provider's engine covers the manifest's profile: larger batches are split
@@ -125,9 +125,7 @@ class OrtBackend(Backend):
         self.outputs = tuple(o.name for o in self.session.get_outputs())
         self.sha256 = entry["sha256"]
 
-    def new_session(
-        self, manifest: dict[str, Any], profile_prefix: str | None = None
-    ) -> ort.InferenceSession:
+    def new_session(self, profile_prefix: str | None = None) -> ort.InferenceSession:
         """A session of this backend's graph, threads and providers. With `profile_prefix` it records ONNX
         Runtime's per-node profile (`end_profiling()` returns the JSON file's name): profiling is a session
         option, fixed when the session loads."""
@@ -142,7 +140,7 @@ class OrtBackend(Backend):
             options.add_session_config_entry("session.x64quantprecision", "1")
         if profile_prefix is not None:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-        providers = provider_options(manifest, self.path, self.provider)
+        providers = provider_options(self.manifest, self.path, self.provider)
         return ort.InferenceSession(str(self.path), options, providers=providers)
 
     def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
