@@ -19,7 +19,9 @@ exported graph infers, not to a list of names; tests/test_fp16_precision.py chec
 
 The converter keeps the tensors between two FP32 nodes in FP16 (it casts every FP32 node's output
 to FP16 and back before the next FP32 node reads it), which would round the pooled sums and every
-step of the geometry features to FP16 after all; those Cast pairs are removed.
+step of the geometry features to FP16 after all; those Cast pairs are removed. Before ONNX Runtime
+1.32 it also gave an FP16 tensor read by several FP32 nodes one Cast per reader, all writing the same
+name, which the checker refuses (`... has been used as output names multiple times`); one is kept.
 """
 
 from __future__ import annotations
@@ -60,6 +62,21 @@ def _cast_to(node: onnx.NodeProto) -> int:
     return next(a.i for a in node.attribute if a.name == "to")
 
 
+def _drop_duplicate_casts(proto: onnx.ModelProto) -> None:
+    """Keep the first of identical Casts (same name, input, output and type), which ONNX Runtime's
+    converter before 1.32 writes once per FP32 reader of a tensor: ONNX Runtime 1.30 is what the GPU
+    image holds."""
+    seen: set[bytes] = set()
+    nodes = []
+    for node in proto.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if node.op_type != "Cast" or key not in seen:
+            nodes.append(node)
+        seen.add(key)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
 def _drop_fp16_round_trips(model: OnnxModel) -> None:
     """Let each FP32 node and output read the FP32 tensor itself, not its FP32 -> FP16 -> FP32 copy."""
     producer = model.output_name_to_node()
@@ -86,6 +103,7 @@ def convert_fp16(fp32_path: str | Path, path: str | Path, keep_fp32_nodes: list[
         op_block_list=DEFAULT_OP_BLOCK_LIST,  # ops the converter cannot run in FP16 at all
         node_block_list=_fp32_nodes(source) + (keep_fp32_nodes or []),
     )
+    _drop_duplicate_casts(proto)
     model = OnnxModel(proto)
     _drop_fp16_round_trips(model)
     model.topological_sort()  # the converter appends its Casts out of order; the checker rejects that

@@ -93,3 +93,42 @@ def test_fp32_tail_keeps_the_logit_close_to_fp32(graphs):
         for p in (fp32, fp16)
     ]
     assert np.abs(logits[0] - logits[1]).max() < 1e-2
+
+
+def test_one_of_the_identical_casts_older_converters_write_is_kept():
+    """ONNX Runtime's converter before 1.32 (1.30 on the GPU image) writes one FP16 -> FP32 Cast per FP32
+    reader of a tensor, all under one name: the checker refuses the graph until one is left. A Cast that
+    differs (another input) stays."""
+    from m2anet.export.fp16 import _drop_duplicate_casts
+
+    h = onnx.helper
+
+    def cast(src: str, dst: str) -> onnx.NodeProto:
+        return h.make_node("Cast", [src], [dst], to=FLOAT, name=f"{dst}_node")
+
+    nodes = [
+        h.make_node("Relu", ["x"], ["v"], name="relu"),
+        cast("v", "v_cast_to_fp32"),
+        h.make_node("Sigmoid", ["v_cast_to_fp32"], ["a"], name="sigmoid"),
+        cast("v", "v_cast_to_fp32"),
+        h.make_node("Tanh", ["v_cast_to_fp32"], ["b"], name="tanh"),
+        cast("x", "x_cast_to_fp32"),
+        h.make_node("Add", ["a", "x_cast_to_fp32"], ["c"], name="add"),
+    ]
+    vi = h.make_tensor_value_info
+    graph = h.make_graph(
+        nodes, "g", [vi("x", onnx.TensorProto.FLOAT16, [2])], [vi(n, FLOAT, [2]) for n in ("b", "c")]
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 20)])
+    with pytest.raises(onnx.checker.ValidationError, match="output names multiple times"):
+        onnx.checker.check_model(proto, full_check=True)
+    _drop_duplicate_casts(proto)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.name for n in proto.graph.node] == [
+        "relu",
+        "v_cast_to_fp32_node",
+        "sigmoid",
+        "tanh",
+        "x_cast_to_fp32_node",
+        "add",
+    ]
