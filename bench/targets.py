@@ -24,7 +24,7 @@ TORCH_CUDA: tuple[tuple[str, dict[str, bool]], ...] = (
 )
 """The PyTorch GPU paths, cheapest first: eager in each precision (FP32 is the baseline; FP16 and BF16
 channels-last), eager with one CUDA graph per batch size, and torch.compile with CUDA graphs, which
-compiles once per process and batch shape (cached across runs) and comes last."""
+compiles once per process and batch shape (partly cached across runs) and comes last."""
 
 
 def open_target(target: BackendSpec, model: str, threads: int | None) -> Backend:

@@ -159,8 +159,10 @@ def cuda_math(tf32: bool | None = None, cudnn_benchmark: bool | None = None) -> 
 
 
 def inductor_cache_dir(folder: str | Path | None = None) -> Path:
-    """Where torch.compile keeps compiled graphs, autotuning results and Triton kernels, so a later process
-    with the same model, precision and batch sizes loads them instead of compiling again.
+    """Where torch.compile keeps compiled graphs, autotuning results and kernels, so a later process with
+    the same model, precision and batch sizes compiles less: it still traces and freezes (AOTAutograd's
+    cache refuses frozen graphs, and on the CPU the FX-graph cache refuses oneDNN-packed weights), about
+    half of a cold compile on the CPU (tests/bench/compile_cache.py).
 
     `folder` if given; else TORCHINDUCTOR_CACHE_DIR if the process already set it; else
     $M2ANET_CACHE_DIR/inductor; else ${XDG_CACHE_HOME:-~/.cache}/m2anet/inductor (inductor's own default,
