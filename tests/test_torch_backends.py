@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -559,6 +560,16 @@ def test_check_entry_points_import_without_simpleitk_or_tritonclient(without_sim
 
 def test_training_entry_point_imports_without_simpleitk(without_simpleitk):
     assert "m2anet.cli.train" not in without_simpleitk
+
+
+def test_check_deselects_only_tests_that_exist():
+    """pytest ignores a --deselect that matches nothing: a renamed test would quietly come back into the
+    check's 75 s."""
+    ids = re.findall(r"--deselect (\S+)", (REPO / "ci" / "gpu-check").read_text())
+    assert ids
+    for node in ids:
+        path, name = node.split("::")
+        assert f"def {name}(" in (REPO / path).read_text(), node
 
 
 def test_check_install_is_offline(tmp_path):
