@@ -201,12 +201,21 @@ def compiled(model: torch.nn.Module, mode: str, freezing: bool, dynamic: bool | 
     freezing finds the weights lifted to inputs and does nothing: BatchNorm runs at runtime and each weight
     is cast on every call into a new NCDHW tensor, which cuDNN transposes (docs/gpu.md). So each call,
     where dynamo may trace, runs with the setting in place and put back after, set directly (3 us a call on
-    a 2-core Xeon; `config.patch` took 14 us on this per-call path)."""
+    a 2-core Xeon; `config.patch` took 14 us on this per-call path).
+
+    With `dynamic=None` a batch of more than one is marked dynamic from its first call, so its graph
+    serves every other size: left to PyTorch's automatic dynamic shapes, a first batch of 16 compiled a
+    graph for 16 alone and the next size a second one. m2a-verify's batches (16, 4, single nodes, 32)
+    compiled three graphs of m2anet_small on the CPU and compile two now (the CPU's convolution choice
+    still splits its graphs at batch 16); on a GPU, a compilation is tens of seconds of `ci/gpu-check`."""
     from torch._inductor import config
 
     forward = torch.compile(model, options=compile_options(mode), dynamic=dynamic)
 
     def run(*args: torch.Tensor) -> Any:
+        if dynamic is None and args[0].shape[0] > 1:
+            for x in args:
+                torch._dynamo.maybe_mark_dynamic(x, 0)
         saved, config.freezing = config.freezing, freezing
         try:
             return forward(*args)

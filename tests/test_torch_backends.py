@@ -303,6 +303,24 @@ def test_compiled_weights_are_frozen_into_the_graph(monkeypatch, tmp_path):
     torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
 
 
+def test_the_first_batch_of_several_compiles_the_graph_every_other_batch_uses(monkeypatch, tmp_path):
+    """dynamic=None: one graph for batch 1 and one for every other size, whichever comes first. Left to
+    PyTorch's automatic dynamic shapes, a first batch of 4 compiled a graph for 4 alone: three graphs here."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(config, "compile_threads", 1)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    run = compiled(net, "default", freezing=True, dynamic=None)
+    before = counters["aot_autograd"]["total"]
+    with torch.no_grad():
+        for batch in (4, 3, 5, 1, 2):
+            x = torch.randn(batch, 1, 4, 8, 8)
+            torch.testing.assert_close(run(x), net(x), atol=1e-4, rtol=1e-4)
+    assert counters["aot_autograd"]["total"] - before == 2
+
+
 def test_inductor_cache_dir_precedence(monkeypatch, tmp_path):
     for name in ("TORCHINDUCTOR_CACHE_DIR", "M2ANET_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
