@@ -282,8 +282,6 @@ def test_compiled_weights_are_frozen_into_the_graph(monkeypatch, tmp_path):
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(config.cpp, "weight_prepack", False)  # the aten convolutions CUDA runs
-    monkeypatch.setattr(config, "compile_threads", 1)  # no pool of compile workers to start
     net = torch.nn.Sequential(
         torch.nn.Conv3d(1, 8, 3, padding=1, bias=False), torch.nn.BatchNorm3d(8), torch.nn.ReLU(),
         torch.nn.Conv3d(8, 8, 3, padding=1),
@@ -293,7 +291,13 @@ def test_compiled_weights_are_frozen_into_the_graph(monkeypatch, tmp_path):
     net = net.to(memory_format=CL)
     x = channels_last(torch.randn(2, 1, 4, 8, 8))
     run = compiled(net, "default", freezing=True, dynamic=False)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+    # the aten convolutions CUDA runs, and no pool of compile workers to start; config.patch, because
+    # monkeypatch's undo deleted these settings in torch 2.10 and 2.11, failing every later compile
+    with (
+        config.patch({"cpp.weight_prepack": False, "compile_threads": 1}),
+        torch.no_grad(),
+        torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False),
+    ):
         got, (code,) = run_and_get_code(run, x)
         want = net(x)
     facts = compiled_layout.graph_facts(code)
@@ -307,10 +311,8 @@ def test_the_first_batch_of_several_compiles_the_graph_every_other_batch_uses(mo
     """dynamic=None: one graph for batch 1 and one for every other size, whichever comes first. Left to
     PyTorch's automatic dynamic shapes, a first batch of 4 compiled a graph for 4 alone: three graphs here."""
     from torch._dynamo.utils import counters
-    from torch._inductor import config
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(config, "compile_threads", 1)
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU()).eval()
     run = compiled(net, "default", freezing=True, dynamic=None)
     before = counters["aot_autograd"]["total"]
