@@ -67,14 +67,15 @@ def _drop_duplicate_casts(proto: onnx.ModelProto) -> None:
     converter before 1.32 writes once per FP32 reader of a tensor: ONNX Runtime 1.30 is what the GPU
     image holds."""
     seen: set[bytes] = set()
-    nodes = []
-    for node in proto.graph.node:
-        key = node.SerializeToString(deterministic=True)
-        if node.op_type != "Cast" or key not in seen:
-            nodes.append(node)
-        seen.add(key)
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
+    repeats = []
+    for i, node in enumerate(proto.graph.node):
+        if node.op_type == "Cast":
+            key = node.SerializeToString(deterministic=True)
+            if key in seen:
+                repeats.append(i)
+            seen.add(key)
+    for i in reversed(repeats):
+        del proto.graph.node[i]
 
 
 def _drop_fp16_round_trips(model: OnnxModel) -> None:
