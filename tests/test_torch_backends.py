@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -600,6 +601,16 @@ def test_check_install_is_offline(tmp_path):
     empty.mkdir()
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)], check=True)
+    # the machine's packages are this interpreter's: where it is itself a venv (the GPU image's python3 is
+    # one), the base's site-packages may hold no setuptools, so its own are added to the fresh venv's path
+    site = subprocess.run(
+        [env_dir / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    paths = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    (Path(site) / "machine.pth").write_text("\n".join(sorted(paths)) + "\n")
     dead = "http://127.0.0.1:9"  # the discard port: any download fails at once
     env = {
         **os.environ,
