@@ -1,6 +1,7 @@
 """What inductor's caches save a second process that opens the same `torch-compile` backend: each run is
-a fresh process with the same cache folder, first empty, and times the first call at each batch size
-(batch 2, then another, PyTorch's automatic dynamic graph), with the cache verdicts inductor counted.
+a fresh process with the same cache folder, first empty, and times the first call at batch 1 and at
+batch 2 (the two graphs a process compiles: batch 1, and one for every other size), with the cache
+verdicts inductor counted.
 
     python3 tests/bench/compile_cache.py [--model m2anet_small] [--device cpu|cuda] [--runs 2] [--no-prepack]
 
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 
-BATCHES = (2, 3)
+BATCHES = (1, 2)
 
 
 def child(model: str, device: str, cache: str, prepack: bool) -> None:
