@@ -108,18 +108,15 @@ class CudaRunner:
     def __init__(self, backend: Any, batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
         import torch
 
+        from m2anet.engines.torch_backend import PinnedBuffers
+
         self.torch, self.backend = torch, backend
         dev = torch.device(backend.device)
         self.dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
         self.host = [(torch.from_numpy(c).pin_memory(), torch.from_numpy(m).pin_memory()) for c, m in batches]
         self.dev_in = [(c.to(self.dev), m.to(self.dev)) for c, m in self.host]
-        self.host_out: dict[tuple[int, ...], Any] = {}
+        self.host_out = PinnedBuffers()
         self.events: list[list[Any]] = []
-
-    def _pinned(self, shape: tuple[int, ...]) -> Any:
-        if shape not in self.host_out:
-            self.host_out[shape] = self.torch.empty(shape, dtype=self.torch.float32, pin_memory=True)
-        return self.host_out[shape]
 
     def run(self, start: int, n: int) -> tuple[list[int], list[tuple[float, float, float]]]:
         torch = self.torch
@@ -136,8 +133,8 @@ class CudaRunner:
                 ev[1].record()
                 outs = self.backend.infer_torch(*self.dev_in[i])
                 ev[2].record()
-                for o in outs:
-                    self._pinned(tuple(o.shape)).copy_(o, non_blocking=True)
+                for j, o in enumerate(outs):
+                    self.host_out.view(str(j), o.shape).copy_(o, non_blocking=True)
                 ev[3].record()
             torch.cuda.synchronize(self.dev)
             wall = time.perf_counter_ns() - t0

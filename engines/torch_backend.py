@@ -12,6 +12,7 @@ import contextlib
 import functools
 import itertools
 import json
+import math
 import os
 import threading
 import warnings
@@ -317,6 +318,27 @@ def _inductor_graphs(mode: str) -> bool:
     return bool(compile_options(mode).get("triton.cudagraphs"))
 
 
+class PinnedBuffers:
+    """Page-locked host buffers by name, each grown to the largest shape asked for and reused.
+
+    A copy between a numpy array (pageable memory) and the GPU goes through the CUDA driver's own staging
+    buffer, in pieces, the host waiting on each; from page-locked memory it is one copy queued on the
+    stream. m2a-bench's CUDA runner and TensorRTBackend copy from page-locked memory, so the numpy path,
+    which NodeClassifier and m2a-predict take, does too. Their user holds `lock` from filling them to
+    reading them back."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.lock = threading.Lock()
+
+    def view(self, name: str, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Float32 `shape` in buffer `name`; what an earlier view held there is overwritten."""
+        n = math.prod(shape)
+        if name not in self.buffers or self.buffers[name].numel() < n:
+            self.buffers[name] = torch.empty(n, dtype=torch.float32, pin_memory=True)
+        return self.buffers[name][:n].view(shape)
+
+
 class TorchBackend(Backend):
     """Eager PyTorch or torch.compile on the CPU or CUDA; torch-tensorrt with `tensorrt_batch`.
 
@@ -406,6 +428,7 @@ class TorchBackend(Backend):
         self.channels_last = self.memory_format == torch.channels_last_3d
         self.pad_single = pad_single and not cuda
         self.graphs = CudaGraphs(self._call, self.memory_format) if cuda_graphs else None
+        self._pinned = PinnedBuffers()
 
     def _call(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One forward in this backend's precision, float32 out: what a CUDA graph captures. Autocast
@@ -434,14 +457,26 @@ class TorchBackend(Backend):
         return tuple(o[:1] for o in out) if single else out
 
     def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
-        dev = self.torch_device
-        out = self.infer_torch(torch.from_numpy(ct).to(dev), torch.from_numpy(mask).to(dev))
-        return tuple(o.cpu().numpy() for o in out)
+        if self.torch_device.type != "cuda":
+            return tuple(o.numpy() for o in self.infer_torch(torch.from_numpy(ct), torch.from_numpy(mask)))
+        with self._pinned.lock:
+            staged = self._pinned.view("inputs", (2, *ct.shape))
+            staged[0].numpy()[...] = ct
+            staged[1].numpy()[...] = mask
+            x = staged.to(self.torch_device, non_blocking=True)
+            out = self.infer_torch(x[0], x[1])
+            host = [
+                self._pinned.view(name, o.shape).copy_(o, non_blocking=True)
+                for name, o in zip(self.outputs, out, strict=True)
+            ]
+            torch.cuda.current_stream(self.torch_device).synchronize()
+            return tuple(h.numpy().copy() for h in host)
 
     def close(self) -> None:
-        """Release the captured graphs and their memory pools."""
+        """Release the captured graphs, their memory pools and the page-locked buffers."""
         if self.graphs is not None:
             self.graphs.graphs.clear()
+        self._pinned.buffers.clear()
 
 
 def compile_keywords(version: str, wanted: dict[str, Any]) -> dict[str, Any]:

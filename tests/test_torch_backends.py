@@ -794,3 +794,22 @@ def test_gpu_training_throughput_records_the_device():
     r = train_throughput("m2anet_small", "cuda", batch=4, steps=2, warmup=1, n_train=16)
     assert r["device"].startswith("cuda") and r["gpu"] and r["precision"] == "bf16" and r["channels_last"]
     assert r["nodes_per_s"] > 0 and np.isfinite(r["final_loss"])
+
+
+@needs_gpu
+def test_gpu_numpy_path_stages_through_page_locked_buffers_it_reuses(calib):
+    with TorchBackend("m2anet_small", device="cuda") as backend:
+        want = backend.infer_torch(*(torch.from_numpy(a).cuda() for a in (calib.ct, calib.mask)))
+        got = backend.infer(calib.ct, calib.mask)
+        buffers = dict(backend._pinned.buffers)
+        held = backend.infer(calib.ct[:3], calib.mask[:3])
+        kept = [a.copy() for a in held]
+        backend.infer(calib.ct[3:6], calib.mask[3:6])  # other nodes through the same buffers
+        reused = all(backend._pinned.buffers[name] is b for name, b in buffers.items())
+    assert set(buffers) == {"inputs", "met_logit", "seg_logit"} and reused
+    assert all(b.is_pinned() for b in buffers.values())
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w.cpu().numpy(), rtol=0, atol=1e-5)
+    for h, k in zip(held, kept, strict=True):
+        np.testing.assert_array_equal(h, k)  # what a caller holds is its own
+    np.testing.assert_allclose(held[0], got[0][:3], rtol=0, atol=1e-4)
