@@ -62,7 +62,7 @@ class StudyWarning(UserWarning):
 class PatchPredictions:
     probability: np.ndarray  # (N,) float64, P(metastatic)
     predicted: np.ndarray  # (N,) int64, 1 = metastatic (probability >= threshold)
-    seg: np.ndarray | None  # (N, 16, 64, 64) float32 node-mask probability; None without a seg head
+    seg: np.ndarray | None  # (N, 16, 64, 64) float32 node-mask probability; None: no seg head, or seg=False
 
 
 class NodeClassifier:
@@ -249,29 +249,31 @@ class NodeClassifier:
             "threshold": self.threshold,
         }
 
-    def predict_patches(self, ct: np.ndarray, mask: np.ndarray) -> PatchPredictions:
+    def predict_patches(self, ct: np.ndarray, mask: np.ndarray, *, seg: bool = True) -> PatchPredictions:
         """Patches cropped by the caller: float32 (N, 1, 16, 64, 64) each, as `m2anet.preprocess` makes.
-        They run `max_batch` at a time, so activations stay bounded however many are passed."""
+        They run `max_batch` at a time, so activations stay bounded however many are passed.
+        `seg=False` leaves the mask probabilities out (`seg` None): 65,536 per node, they cost the host
+        more than a GPU's forward, and only predicted masks need them."""
         check_inputs(ct, mask)
         if ct.size and (ct.min() < 0.0 or ct.max() > 1.0):
             raise InputError(
                 f"ct patches hold values in [{ct.min():g}, {ct.max():g}], not [0, 1]: pass HU through "
                 f"m2anet.data.hu_to_input (the window {HU_WINDOW} HU scaled to [0, 1])"
             )
-        met, seg = [], []
+        met, masks = [], []
         for i in range(0, len(ct), self.max_batch):
             with self._lock:
                 outputs = self.backend.infer(
                     ct[i : i + self.max_batch], mask[i : i + self.max_batch], check=False
                 )
             met.append(outputs[0][:, 0])
-            if len(outputs) > 1:
-                seg.append(sigmoid(outputs[1][:, 0]).astype(np.float32))
+            if seg and len(outputs) > 1:
+                masks.append(sigmoid(outputs[1][:, 0], np.float32))
         probability = sigmoid(np.concatenate(met))
         return PatchPredictions(
             probability=probability,
             predicted=(probability >= self.threshold).astype(np.int64),
-            seg=np.concatenate(seg) if seg else None,
+            seg=np.concatenate(masks) if masks else None,
         )
 
     def classify(
@@ -305,7 +307,7 @@ class NodeClassifier:
             timings["preprocess_s"] += t1 - t0
             if batch is None:
                 break
-            pred = self.predict_patches(batch.ct, batch.mask)
+            pred = self.predict_patches(batch.ct, batch.mask, seg=masks)
             probability.update(zip(batch.classified, pred.probability.tolist(), strict=True))
             t2 = time.perf_counter()
             timings["infer_s"] += t2 - t1

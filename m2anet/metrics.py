@@ -70,5 +70,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if denom == 0 else 2.0 * int((a & b).sum()) / denom
 
 
-def sigmoid(x: np.ndarray | float) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+def sigmoid(x: np.ndarray | float, dtype: type[np.floating] = np.float64) -> np.ndarray:
+    """In `dtype`: float32 for a mask's probabilities, which in float64 took longer per node on the host
+    than a GPU's whole forward. Far below zero (float32: x < -88.7) exp overflows to inf and the result is
+    0, its limit."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=dtype)))

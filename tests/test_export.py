@@ -192,6 +192,8 @@ def test_backend_input_errors(small):
         (ct.astype(np.float64), mask, "dtype float64"),
         (np.where(ct == 0, np.nan, ct).astype(np.float32), mask, "NaN"),
         (ct, mask * 0.5, "not binary"),
+        (ct, np.where(mask == 0, np.nan, mask).astype(np.float32), "not binary"),
+        (ct, mask * 2, "not binary"),
         (ct, np.zeros_like(mask), "mask of patch 0 is empty"),
         (ct, mask[:1], "one mask per patch"),
     ]

@@ -118,6 +118,16 @@ def test_predict_study_equals_predict_patches_on_the_same_crops(classifier, stud
     assert [r["prediction"] == "metastatic" for r in rows] == by_patch.predicted.astype(bool).tolist()
 
 
+def test_mask_probabilities_are_float32_and_left_out_when_not_asked_for(classifier, study):
+    prepared = prepare_study(*study[:2])
+    with_seg = classifier.predict_patches(prepared.ct, prepared.mask)
+    without = classifier.predict_patches(prepared.ct, prepared.mask, seg=False)
+    logits = classifier.backend.infer(prepared.ct, prepared.mask)
+    assert without.seg is None and np.array_equal(without.probability, with_seg.probability)
+    assert with_seg.seg is not None and with_seg.seg.dtype == np.float32
+    np.testing.assert_allclose(with_seg.seg, 1 / (1 + np.exp(-logits[1][:, 0].astype(np.float64))), atol=1e-6)
+
+
 def _reoriented(image: sitk.Image, perm: tuple[int, int, int], flips: tuple[bool, bool, bool]) -> sitk.Image:
     """The same voxels in patient space, stored with permuted and flipped axes (ITK x, y, z order).
 
