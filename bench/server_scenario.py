@@ -9,8 +9,9 @@ come back within a bound, and does the service lose or change any of them?
   a time), take queries in arrival order. A query's latency runs from its scheduled arrival, not
   from when a client was free to send it, so a saturated service shows as latency instead of
   being hidden by a slower send rate (coordinated omission).
-* Every answer's `met_logit` is compared with a reference answer for its input; one further than
-  `atol` counts as changed.
+* A query asks for `met_logit` alone, as a classifier that predicts no masks does: the mask logits
+  (256 KiB per node) are not sent back. Every answer is compared with a reference answer for its
+  input; one further than `atol` counts as changed.
 * A run is bounded: arrivals stop at `duration_s` once `min_queries` have arrived, and at
   `max_queries` or `max_duration_s` in any case; queries still unanswered `drain_s` after the
   last arrival are counted as failed.
@@ -166,7 +167,7 @@ def arrivals(settings: ServerSettings) -> np.ndarray:
 
 def reference_answers(backend: Backend, inputs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
     """`met_logit` of each input, one at a time: the answers a loaded service must still give."""
-    return [backend.infer(ct, mask, check=False)[0] for ct, mask in inputs]
+    return [backend.infer(ct, mask, check=False, outputs=("met_logit",))[0] for ct, mask in inputs]
 
 
 class _Client:
@@ -182,7 +183,7 @@ class _Client:
                 self.backend = self.factory()
             except Exception as e:
                 raise _Opening(one_line(e)) from e
-        return self.backend.infer(ct, mask, check=False)[0]
+        return self.backend.infer(ct, mask, check=False, outputs=("met_logit",))[0]
 
     def reset(self) -> None:
         backend, self.backend = self.backend, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from types import TracebackType
 
 import numpy as np
@@ -61,18 +62,27 @@ class Backend(ABC):
     max_batch: int | None = None
     outputs: tuple[str, ...] = OUTPUT_NAMES
 
-    def infer(self, ct: np.ndarray, mask: np.ndarray, *, check: bool = True) -> tuple[np.ndarray, ...]:
-        """Run a batch; `check=False` skips the input checks (stress tests, benchmarks)."""
+    def infer(
+        self, ct: np.ndarray, mask: np.ndarray, *, check: bool = True, outputs: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, ...]:
+        """Run a batch; `check=False` skips the input checks (stress tests, benchmarks). `outputs` names
+        those of `self.outputs` to return, in that order (default: all). A caller that predicts no masks
+        asks for `met_logit` alone: the 65,536 mask logits of a node (256 KiB in float32) are then
+        neither copied back from a GPU nor sent over Triton's network."""
+        wanted = self.outputs if outputs is None else tuple(outputs)
+        if not wanted or any(name not in self.outputs for name in wanted):
+            raise ValueError(f"outputs {list(wanted)}: choose among this backend's {list(self.outputs)}")
         if check:
             check_inputs(ct, mask)
         step = self.max_batch or ct.shape[0]
         if ct.shape[0] <= step:
-            return self._run(ct, mask)
-        parts = [self._run(ct[i : i + step], mask[i : i + step]) for i in range(0, ct.shape[0], step)]
+            return self._run(ct, mask, wanted)
+        parts = [self._run(ct[i : i + step], mask[i : i + step], wanted) for i in range(0, ct.shape[0], step)]
         return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
     @abstractmethod
-    def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]: ...
+    def _run(self, ct: np.ndarray, mask: np.ndarray, outputs: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+        """`outputs`, some of `self.outputs` in the order asked for."""
 
     def close(self) -> None:  # noqa: B027 - backends without resources need nothing here
         pass

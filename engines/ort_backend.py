@@ -143,13 +143,13 @@ class OrtBackend(Backend):
         providers = provider_options(self.manifest, self.path, self.provider)
         return ort.InferenceSession(str(self.path), options, providers=providers)
 
-    def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _run(self, ct: np.ndarray, mask: np.ndarray, outputs: tuple[str, ...]) -> tuple[np.ndarray, ...]:
         if self.device == "cpu":
-            return tuple(self.session.run(None, {"ct": ct, "mask": mask}))
+            return tuple(self.session.run(list(outputs), {"ct": ct, "mask": mask}))
         binding = self.session.io_binding()
         binding.bind_cpu_input("ct", ct)
         binding.bind_cpu_input("mask", mask)
-        for name in self.outputs:
+        for name in outputs:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
         return tuple(binding.copy_outputs_to_cpu())

@@ -456,18 +456,21 @@ class TorchBackend(Backend):
         out = self.graphs(ct, mask) if self.graphs is not None and replay else self._call(ct, mask)
         return tuple(o[:1] for o in out) if single else out
 
-    def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _run(self, ct: np.ndarray, mask: np.ndarray, outputs: tuple[str, ...]) -> tuple[np.ndarray, ...]:
         if self.torch_device.type != "cuda":
-            return tuple(o.numpy() for o in self.infer_torch(torch.from_numpy(ct), torch.from_numpy(mask)))
+            cpu = dict(
+                zip(self.outputs, self.infer_torch(torch.from_numpy(ct), torch.from_numpy(mask)), strict=True)
+            )
+            return tuple(cpu[name].numpy() for name in outputs)
         with self._pinned.lock:
             staged = self._pinned.view("inputs", (2, *ct.shape))
             staged[0].numpy()[...] = ct
             staged[1].numpy()[...] = mask
             x = staged.to(self.torch_device, non_blocking=True)
-            out = self.infer_torch(x[0], x[1])
+            out = dict(zip(self.outputs, self.infer_torch(x[0], x[1]), strict=True))
             host = [
-                self._pinned.view(name, o.shape).copy_(o, non_blocking=True)
-                for name, o in zip(self.outputs, out, strict=True)
+                self._pinned.view(name, out[name].shape).copy_(out[name], non_blocking=True)
+                for name in outputs
             ]
             torch.cuda.current_stream(self.torch_device).synchronize()
             return tuple(h.numpy().copy() for h in host)

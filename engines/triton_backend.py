@@ -77,16 +77,16 @@ class TritonBackend(Backend):
         self.precision = self.parameters.get("m2anet_precision", "unknown")
         self.device = self.url
 
-    def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _run(self, ct: np.ndarray, mask: np.ndarray, outputs: tuple[str, ...]) -> tuple[np.ndarray, ...]:
         inputs = []
         for name, array in (("ct", ct), ("mask", mask)):
             dtype = self._dtypes[name]
             tensor = self._lib.InferInput(name, list(array.shape), dtype)
             tensor.set_data_from_numpy(np.ascontiguousarray(array, dtype=_NUMPY[dtype]))
             inputs.append(tensor)
-        wanted = [self._lib.InferRequestedOutput(n) for n in self.outputs]
+        wanted = [self._lib.InferRequestedOutput(n) for n in outputs]
         result = self._client.infer(self.model_name, inputs, model_version=self.model_version, outputs=wanted)
-        return tuple(np.asarray(result.as_numpy(n), dtype=np.float32) for n in self.outputs)
+        return tuple(np.asarray(result.as_numpy(n), dtype=np.float32) for n in outputs)
 
     def close(self) -> None:
         client = self.__dict__.pop("_client", None)

@@ -294,7 +294,7 @@ class TensorRTBackend(Backend):
         self._graph_contexts[n] = context
         self._graphs[n] = graph
 
-    def _run(self, ct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _run(self, ct: np.ndarray, mask: np.ndarray, outputs: tuple[str, ...]) -> tuple[np.ndarray, ...]:
 
         if self._stream is None:
             raise RuntimeError("this TensorRTBackend is closed: create a new one")
@@ -306,10 +306,10 @@ class TensorRTBackend(Backend):
             for name in INPUT_NAMES:
                 self._dev_in[name][:b].copy_(self._host_in[name][:b], non_blocking=True)
             self._enqueue(n)
-            for name in self.outputs:
+            for name in outputs:
                 self._host_out[name][:b].copy_(self._dev_out[name][:b], non_blocking=True)
         self._stream.synchronize()
-        return tuple(self._host_out[name][:b].numpy().copy() for name in self.outputs)
+        return tuple(self._host_out[name][:b].numpy().copy() for name in outputs)
 
     def infer_torch(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run CUDA tensors (B, 1, 16, 64, 64) without host round trips; outputs are new float32 tensors.

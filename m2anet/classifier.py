@@ -252,22 +252,24 @@ class NodeClassifier:
     def predict_patches(self, ct: np.ndarray, mask: np.ndarray, *, seg: bool = True) -> PatchPredictions:
         """Patches cropped by the caller: float32 (N, 1, 16, 64, 64) each, as `m2anet.preprocess` makes.
         They run `max_batch` at a time, so activations stay bounded however many are passed.
-        `seg=False` leaves the mask probabilities out (`seg` None): 65,536 per node, they cost the host
-        more than a GPU's forward, and only predicted masks need them."""
+        `seg=False` leaves the masks out (`seg` None): the backend returns no mask logits, which a GPU
+        would copy back and Triton send over the network (256 KiB per node), and their probabilities, 65,536
+        per node, cost the host more than a GPU's forward. Only predicted masks need them."""
         check_inputs(ct, mask)
         if ct.size and (ct.min() < 0.0 or ct.max() > 1.0):
             raise InputError(
                 f"ct patches hold values in [{ct.min():g}, {ct.max():g}], not [0, 1]: pass HU through "
                 f"m2anet.data.hu_to_input (the window {HU_WINDOW} HU scaled to [0, 1])"
             )
+        wanted = self.backend.outputs if seg else ("met_logit",)
         met, masks = [], []
         for i in range(0, len(ct), self.max_batch):
             with self._lock:
                 outputs = self.backend.infer(
-                    ct[i : i + self.max_batch], mask[i : i + self.max_batch], check=False
+                    ct[i : i + self.max_batch], mask[i : i + self.max_batch], check=False, outputs=wanted
                 )
             met.append(outputs[0][:, 0])
-            if seg and len(outputs) > 1:
+            if len(outputs) > 1:
                 masks.append(sigmoid(outputs[1][:, 0], np.float32))
         probability = sigmoid(np.concatenate(met))
         return PatchPredictions(

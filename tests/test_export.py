@@ -182,6 +182,21 @@ def test_interrupted_write_leaves_no_final_file(tmp_path):
     assert target.read_bytes() == b"previous"
 
 
+@pytest.mark.parametrize("spec", ["ort:cpu:{}/model.fp32.onnx", "torch:cpu"])
+def test_a_backend_returns_the_outputs_asked_for_in_that_order(small, spec):
+    calib = load_split("calib", n=3)
+    options = {"model_name": "m2anet_small"} if spec.startswith("torch") else {}
+    with open_backend(spec.format(small), **options) as backend:
+        met, seg = backend.infer(calib.ct, calib.mask)
+        alone = backend.infer(calib.ct, calib.mask, outputs=("met_logit",))
+        swapped = backend.infer(calib.ct, calib.mask, outputs=("seg_logit", "met_logit"))
+        for wrong in [("mask",), ()]:
+            with pytest.raises(ValueError, match="choose among this backend's"):
+                backend.infer(calib.ct, calib.mask, outputs=wrong)
+    assert len(alone) == 1 and np.array_equal(alone[0], met)
+    assert np.array_equal(swapped[0], seg) and np.array_equal(swapped[1], met)
+
+
 def test_backend_input_errors(small):
     backend = open_backend(f"ort:cpu:{small / 'model.fp32.onnx'}")
     ct = np.zeros((2, 1, 16, 64, 64), np.float32)

@@ -86,11 +86,15 @@ def test_node_classifier_reads_threshold_and_hash_from_the_server(triton_server,
     ):
         info = remote.info
         got, expected = remote.predict_patches(*patches), local.predict_patches(*patches)
+        classified = remote.predict_patches(*patches, seg=False)  # the mask logits are not sent back
     assert info["backend"] == "triton" and info["precision"] == "int8" and info["model"] == "m2anet_small"
     assert info["sha256"] == manifest["artifacts"]["model.int8.onnx"]["sha256"]
     assert info["threshold"] == float(repr(manifest["model"]["threshold"]))
     np.testing.assert_allclose(got.probability, expected.probability, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(got.predicted, expected.predicted)
+    assert classified.seg is None and np.array_equal(classified.probability, got.probability)
+    assert got.seg is not None and expected.seg is not None
+    np.testing.assert_allclose(got.seg, expected.seg, rtol=0, atol=1e-6)
     with NodeClassifier.from_artifacts(small, backend=spec) as checked:  # the served hash is in the folder
         assert checked.sha256 == info["sha256"]
 
