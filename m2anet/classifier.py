@@ -253,8 +253,9 @@ class NodeClassifier:
         """Patches cropped by the caller: float32 (N, 1, 16, 64, 64) each, as `m2anet.preprocess` makes.
         They run `max_batch` at a time, so activations stay bounded however many are passed.
         `seg=False` leaves the masks out (`seg` None): the backend returns no mask logits, which a GPU
-        would copy back and Triton send over the network (256 KiB per node), and their probabilities, 65,536
-        per node, cost the host more than a GPU's forward. Only predicted masks need them."""
+        would copy back and Triton send over the network (256 KiB per node), and the host computes none of
+        their 65,536 probabilities per node (docs/embedding.md, "Host work"). Only predicted masks need
+        them."""
         check_inputs(ct, mask)
         if ct.size and (ct.min() < 0.0 or ct.max() > 1.0):
             raise InputError(
