@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -165,12 +166,16 @@ def inductor_cache_dir(folder: str | Path | None = None) -> Path:
     cache refuses frozen graphs, and on the CPU the FX-graph cache refuses oneDNN-packed weights), about
     half of a cold compile on the CPU (tests/bench/compile_cache.py).
 
-    `folder` if given; else TORCHINDUCTOR_CACHE_DIR if the process already set it; else
-    $M2ANET_CACHE_DIR/inductor; else ${XDG_CACHE_HOME:-~/.cache}/m2anet/inductor (inductor's own default,
-    /tmp/torchinductor_$USER, is gone after a reboot). Inductor reads only TORCHINDUCTOR_CACHE_DIR, so the
-    choice is written there and holds for every torch.compile in the process."""
-    if folder is None and os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    `folder` if given; else TORCHINDUCTOR_CACHE_DIR if the process set it; else $M2ANET_CACHE_DIR/inductor;
+    else ${XDG_CACHE_HOME:-~/.cache}/m2anet/inductor (inductor's own default, /tmp/torchinductor_$USER, is
+    gone after a reboot). Inductor reads only TORCHINDUCTOR_CACHE_DIR, so the choice is written there and
+    holds for every torch.compile in the process. Inductor writes its default there itself the first time
+    it needs a folder (importing its config does): that value is not taken for a host's choice."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder is None and given and os.path.abspath(given) != os.path.abspath(default_cache_dir()):
+        return Path(given)
     if folder is None:
         home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "m2anet"
         folder = Path(os.environ.get(CACHE_ENV) or home) / "inductor"
@@ -224,6 +229,73 @@ def compiled(model: torch.nn.Module, mode: str, freezing: bool, dynamic: bool | 
             config.freezing = saved
 
     return run
+
+
+class _Autocast(torch.nn.Module):
+    """`model` with autocast inside its forward, where torch.export records it (a `wrap_with_autocast`
+    region, whose casts the package then holds); autocast around the export call is not recorded."""
+
+    def __init__(self, model: torch.nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model, self.device_type, self.dtype = model, device_type, dtype
+
+    def forward(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
+            return tuple(o.float() for o in self.model(ct, mask))
+
+
+def aot_compiled(
+    model: torch.nn.Module,
+    example: tuple[torch.Tensor, torch.Tensor],
+    autocast: torch.dtype | None,
+    options: dict[str, Any],
+    min_batch: int,
+    identity: dict[str, Any],
+    single_threaded: bool,
+) -> Callable[..., Any]:
+    """`model` compiled ahead of time by AOTInductor: exported with one dynamic batch of at least
+    `min_batch` (`example`'s layout), built with inductor `options` into a package in
+    inductor_cache_dir()/aoti, named by a hash of `identity`, the options, the example's strides, the
+    weights and torch's version. The first backend builds it; every later one, in any process, loads it in
+    milliseconds instead of tracing, freezing and compiling again as torch.compile does
+    (tests/bench/compile_cache.py --aoti). Autocast is inside the package, and its outputs float32.
+    `single_threaded` loads it without the runner's thread synchronisation, which PyTorch's documentation
+    says conflicts with CUDA graphs."""
+    digest = hashlib.sha256(
+        json.dumps(
+            {
+                **identity,
+                **options,
+                "torch": torch.__version__,
+                "min_batch": min_batch,
+                "strides": [x.stride() for x in example],
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    path = inductor_cache_dir() / "aoti" / f"{digest.hexdigest()[:32]}.pt2"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        batch = torch.export.Dim("batch", min=min_batch)
+        wrapped = _Autocast(model, example[0].device.type, autocast)
+        with torch.no_grad():
+            program = torch.export.export(wrapped, example, dynamic_shapes=({0: batch}, {0: batch}))
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(partial), inductor_configs=options
+            )
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+    index = example[0].device.index
+    return torch._inductor.aoti_load_package(
+        str(path), run_single_threaded=single_threaded, device_index=-1 if index is None else index
+    )
 
 
 def memory_format(device_type: str, precision: str, channels_last: bool | None = None) -> torch.memory_format:
@@ -352,9 +424,10 @@ class TorchBackend(Backend):
     bf16) puts weights and inputs in NDHWC; `cuda_graphs` replays one captured CUDA graph per batch size
     (default on for torch-compile); `cudnn_benchmark` lets cuDNN time its algorithms once per shape;
     `fold_bn` folds each BatchNorm into its convolution (default: `folds_batchnorm`, on with CUDA graphs in
-    fp16 and bf16).
+    fp16 and bf16, and with `aoti`).
     torch-compile compiles with inductor's `mode`, `freezing` and torch.compile's `dynamic` (None: batch 1,
-    then one graph for every other batch size), cached in `inductor_cache_dir(cache_dir)`.
+    then one graph for every other batch size), cached in `inductor_cache_dir(cache_dir)`; with `aoti`,
+    ahead of time instead, into one package for every batch size that later backends load (`aot_compiled`).
     """
 
     def __init__(
@@ -375,6 +448,7 @@ class TorchBackend(Backend):
         dynamic: bool | None = None,
         cache_dir: str | None = None,
         fold_bn: bool | None = None,
+        aoti: bool = False,
     ) -> None:
         """`tensorrt_batch=(min, opt, max)` compiles with torch-tensorrt's dynamo path instead."""
         if precision not in TORCH_PRECISIONS:
@@ -397,11 +471,18 @@ class TorchBackend(Backend):
                 f"cuda_graphs=true would capture what captures its own graphs ({owner}): "
                 "drop cuda_graphs or pick another mode"
             )
+        if aoti and (not compile or inductor_graphs or dynamic is not None):
+            raise ValueError(
+                "aoti=true builds one ahead-of-time package for every batch size: use it with "
+                "torch-compile, without dynamic, in a mode without inductor's CUDA graphs (default, "
+                "max-autotune-no-cudagraphs)"
+            )
         if tensorrt_batch is not None and channels_last is None:
             channels_last = False  # torch-tensorrt picks the engine's layouts itself
         self.memory_format = memory_format(self.torch_device.type, precision, channels_last)
         model = create_model(model_name, pretrained=weights is None, heads=heads, weights=weights)
-        if folds_batchnorm(cuda_graphs, precision, fold_bn):
+        # an AOTInductor package folds neither BatchNorm nor the weights' casts, as inductor's freezing does
+        if (aoti and fold_bn is not False) or folds_batchnorm(cuda_graphs, precision, fold_bn):
             model = fold_batchnorm(model)
         # Module.to takes memory_format at runtime; torch's stubs leave it out
         model = model.to(self.torch_device, memory_format=self.memory_format)  # type: ignore[call-overload]
@@ -410,9 +491,10 @@ class TorchBackend(Backend):
         self.name = "torch-compile" if compile else "torch"
         if compile:
             inductor_cache_dir(cache_dir)
+        if compile and not aoti:
             self.forward = compiled(self.model, mode, freezing, dynamic)
         self.autocast = _AUTOCAST.get(precision)
-        if self.autocast is not None and not compile:  # inductor's freezing folds the casts by itself
+        if self.autocast is not None and (aoti or not compile):  # freezing folds the casts by itself
             cast_weights_once(self.model, self.autocast)
         flags: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         if tensorrt_batch is not None:
@@ -423,12 +505,45 @@ class TorchBackend(Backend):
             if precision == "tf32" and torch.cuda.get_device_capability(self.torch_device)[0] < 8:
                 precision = "fp32"  # TF32 needs Ampere or newer: before it, what runs and is reported is FP32
         self._flags = flags
+        if aoti:
+            with flags():
+                self.forward = self._aot_compiled(
+                    model_name, heads, precision, pad_single, mode, freezing, cuda_graphs
+                )
+            self.autocast = None  # inside the package
         self.precision, self.device = precision, str(self.torch_device)
         self.outputs = self.outputs[: 2 if heads == "both" else 1]
         self.channels_last = self.memory_format == torch.channels_last_3d
         self.pad_single = pad_single and not cuda
         self.graphs = CudaGraphs(self._call, self.memory_format) if cuda_graphs else None
         self._pinned = PinnedBuffers()
+
+    def _aot_compiled(
+        self,
+        model_name: str,
+        heads: Heads,
+        precision: str,
+        pad_single: bool,
+        mode: str,
+        freezing: bool,
+        cuda_graphs: bool,
+    ) -> Callable[..., Any]:
+        """`aot_compiled` of this backend's model, for its device (a GPU's name and architecture, or the
+        CPU's instruction set: the package's kernels are built for them), precision and layout; on the CPU
+        for batches of two or more when single nodes run as pairs; single-threaded under CUDA graphs."""
+        dev = self.torch_device
+        if dev.type == "cuda":
+            where = f"{torch.cuda.get_device_name(dev)} {torch.cuda.get_device_capability(dev)}"
+        else:
+            where = f"cpu {torch.backends.cpu.get_cpu_capability()}"
+        ct = torch.zeros((2, 1, *PATCH_SHAPE), device=dev)
+        example = (ct, torch.ones_like(ct))
+        if self.memory_format == torch.channels_last_3d:
+            example = (channels_last(example[0]), channels_last(example[1]))
+        identity = {"model": model_name, "heads": heads, "precision": precision, "device": where}
+        options = {**compile_options(mode), "freezing": freezing}
+        min_batch = 2 if pad_single and dev.type == "cpu" else 1
+        return aot_compiled(self.model, example, self.autocast, options, min_batch, identity, cuda_graphs)
 
     def _call(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One forward in this backend's precision, float32 out: what a CUDA graph captures. Autocast

@@ -324,12 +324,55 @@ def test_the_first_batch_of_several_compiles_the_graph_every_other_batch_uses(mo
     assert counters["aot_autograd"]["total"] - before == 2
 
 
+def test_an_aot_compiled_package_is_built_once_and_loaded_by_later_backends(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    calib = load_split("calib", n=3)
+    options = {"compile": True, "aoti": True, "cache_dir": str(tmp_path)}
+    with TorchBackend("m2anet_small", **options) as built, TorchBackend("m2anet_small") as eager:
+        got, want = built.infer(calib.ct, calib.mask), eager.infer(calib.ct, calib.mask)
+        single = built.infer(
+            calib.ct[:1], calib.mask[:1]
+        )  # a pair on the CPU: the package's batches are >= 2
+    (package,) = (tmp_path / "aoti").iterdir()
+
+    def compile_again(*_args, **_kwargs):
+        raise AssertionError("the package was compiled again")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_again)
+    with TorchBackend("m2anet_small", **options) as loaded:
+        again = loaded.infer(calib.ct, calib.mask)
+    assert list((tmp_path / "aoti").iterdir()) == [package] and package.suffix == ".pt2"
+    for g, w, a, one, tolerance in zip(got, want, again, single, (1e-4, 1e-3), strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=tolerance)  # the fp32 tier
+        np.testing.assert_array_equal(a, g)
+        np.testing.assert_allclose(one, w[:1], rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"aoti": True},
+        {"compile": True, "aoti": True, "dynamic": True},
+        {"compile": True, "aoti": True, "mode": "reduce-overhead"},
+    ],
+)
+def test_aoti_is_refused_where_one_package_cannot_serve(options):
+    with pytest.raises(ValueError, match="aoti=true builds one ahead-of-time package"):
+        TorchBackend("m2anet_small", **options)
+
+
 def test_inductor_cache_dir_precedence(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     for name in ("TORCHINDUCTOR_CACHE_DIR", "M2ANET_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert inductor_cache_dir() == tmp_path / "xdg" / "m2anet" / "inductor"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "m2anet" / "inductor")
+    monkeypatch.setenv(
+        "TORCHINDUCTOR_CACHE_DIR", default_cache_dir()
+    )  # what importing inductor's config writes
+    assert inductor_cache_dir() == tmp_path / "xdg" / "m2anet" / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "host"))
     assert inductor_cache_dir() == tmp_path / "host"  # a host's own choice stands
     assert inductor_cache_dir(tmp_path / "given") == tmp_path / "given"  # unless the spec names one
