@@ -481,7 +481,7 @@ class TorchBackend(Backend):
             channels_last = False  # torch-tensorrt picks the engine's layouts itself
         self.memory_format = memory_format(self.torch_device.type, precision, channels_last)
         model = create_model(model_name, pretrained=weights is None, heads=heads, weights=weights)
-        # an AOTInductor package folds neither BatchNorm nor the weights' casts, as inductor's freezing does
+        # inductor's freezing folds BatchNorm and the weights' casts; an AOTInductor package does neither
         if (aoti and fold_bn is not False) or folds_batchnorm(cuda_graphs, precision, fold_bn):
             model = fold_batchnorm(model)
         # Module.to takes memory_format at runtime; torch's stubs leave it out
