@@ -282,13 +282,15 @@ def aot_compiled(
         path.parent.mkdir(parents=True, exist_ok=True)
         batch = torch.export.Dim("batch", min=min_batch)
         wrapped = _Autocast(model, example[0].device.type, autocast)
-        with torch.no_grad():
-            program = torch.export.export(wrapped, example, dynamic_shapes=({0: batch}, {0: batch}))
         partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
         try:
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(partial), inductor_configs=options
-            )
+            # without grad, both: inductor freezes (BatchNorm and the weights' casts folded into constants,
+            # oneDNN's weights packed) only then; compiled with grad on, the package ran every BatchNorm
+            with torch.no_grad():
+                program = torch.export.export(wrapped, example, dynamic_shapes=({0: batch}, {0: batch}))
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(partial), inductor_configs=options
+                )
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
@@ -424,7 +426,7 @@ class TorchBackend(Backend):
     bf16) puts weights and inputs in NDHWC; `cuda_graphs` replays one captured CUDA graph per batch size
     (default on for torch-compile); `cudnn_benchmark` lets cuDNN time its algorithms once per shape;
     `fold_bn` folds each BatchNorm into its convolution (default: `folds_batchnorm`, on with CUDA graphs in
-    fp16 and bf16, and with `aoti`).
+    fp16 and bf16).
     torch-compile compiles with inductor's `mode`, `freezing` and torch.compile's `dynamic` (None: batch 1,
     then one graph for every other batch size), cached in `inductor_cache_dir(cache_dir)`; with `aoti`,
     ahead of time instead, into one package for every batch size that later backends load (`aot_compiled`).
@@ -481,8 +483,7 @@ class TorchBackend(Backend):
             channels_last = False  # torch-tensorrt picks the engine's layouts itself
         self.memory_format = memory_format(self.torch_device.type, precision, channels_last)
         model = create_model(model_name, pretrained=weights is None, heads=heads, weights=weights)
-        # inductor's freezing folds BatchNorm and the weights' casts; an AOTInductor package does neither
-        if (aoti and fold_bn is not False) or folds_batchnorm(cuda_graphs, precision, fold_bn):
+        if folds_batchnorm(cuda_graphs, precision, fold_bn):
             model = fold_batchnorm(model)
         # Module.to takes memory_format at runtime; torch's stubs leave it out
         model = model.to(self.torch_device, memory_format=self.memory_format)  # type: ignore[call-overload]
@@ -494,7 +495,7 @@ class TorchBackend(Backend):
         if compile and not aoti:
             self.forward = compiled(self.model, mode, freezing, dynamic)
         self.autocast = _AUTOCAST.get(precision)
-        if self.autocast is not None and (aoti or not compile):  # freezing folds the casts by itself
+        if self.autocast is not None and not compile:  # inductor's freezing folds the casts by itself
             cast_weights_once(self.model, self.autocast)
         flags: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         if tensorrt_batch is not None:

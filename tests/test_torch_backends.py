@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,9 @@ def test_an_aot_compiled_package_is_built_once_and_loaded_by_later_backends(monk
             calib.ct[:1], calib.mask[:1]
         )  # a pair on the CPU: the package's batches are >= 2
     (package,) = (tmp_path / "aoti").iterdir()
+    with zipfile.ZipFile(package) as archive:
+        wrapper = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("wrapper.cpp"))
+    assert "batch_norm" not in wrapper  # frozen: compiled with grad on, the package ran every BatchNorm
 
     def compile_again(*_args, **_kwargs):
         raise AssertionError("the package was compiled again")
