@@ -331,9 +331,8 @@ def test_an_aot_compiled_package_is_built_once_and_loaded_by_later_backends(monk
     options = {"compile": True, "aoti": True, "cache_dir": str(tmp_path)}
     with TorchBackend("m2anet_small", **options) as built, TorchBackend("m2anet_small") as eager:
         got, want = built.infer(calib.ct, calib.mask), eager.infer(calib.ct, calib.mask)
-        single = built.infer(
-            calib.ct[:1], calib.mask[:1]
-        )  # a pair on the CPU: the package's batches are >= 2
+        # a pair on the CPU: the package's batches are two or more
+        single = built.infer(calib.ct[:1], calib.mask[:1])
     (package,) = (tmp_path / "aoti").iterdir()
     with zipfile.ZipFile(package) as archive:
         wrapper = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("wrapper.cpp"))
@@ -373,9 +372,8 @@ def test_inductor_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert inductor_cache_dir() == tmp_path / "xdg" / "m2anet" / "inductor"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "m2anet" / "inductor")
-    monkeypatch.setenv(
-        "TORCHINDUCTOR_CACHE_DIR", default_cache_dir()
-    )  # what importing inductor's config writes
+    # what importing inductor's config writes there
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     assert inductor_cache_dir() == tmp_path / "xdg" / "m2anet" / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "host"))
     assert inductor_cache_dir() == tmp_path / "host"  # a host's own choice stands
