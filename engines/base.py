@@ -1,9 +1,9 @@
 """The one interface every deployment path implements, and the input checks they share.
 
 A backend runs M2ANet on numpy arrays `ct`, `mask` of shape (B, 1, 16, 64, 64) float32 and
-returns `(met_logit, seg_logit)` (or `(met_logit,)` for a classification-only artifact) as
-float32 numpy arrays. Batches larger than the backend's `max_batch` are split here, once, so
-no backend has to.
+returns `(met_logit, seg_logit)` (or `(met_logit,)` for a classification-only artifact, or the
+`outputs` a caller names) as float32 numpy arrays. Batches larger than the backend's `max_batch`
+are split here, once, so no backend has to.
 """
 
 from __future__ import annotations
