@@ -30,6 +30,7 @@ from m2anet.data import Cohort, load_split
 from m2anet.engines import BackendSpec
 from m2anet.engines.torch_backend import (
     TorchBackend,
+    aot_compiled,
     cast_weights_once,
     channels_last,
     compiled,
@@ -349,6 +350,36 @@ def test_an_aot_compiled_package_is_built_once_and_loaded_by_later_backends(monk
         np.testing.assert_allclose(g, w, rtol=0, atol=tolerance)  # the fp32 tier
         np.testing.assert_array_equal(a, g)
         np.testing.assert_allclose(one, w[:1], rtol=0, atol=tolerance)
+
+
+def test_autocast_is_recorded_in_the_package(monkeypatch, tmp_path):
+    """How fp16 and bf16 reach a package on a GPU, held on the CPU in bf16: autocast around torch.export is
+    not recorded, inside the exported forward it is."""
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.head = (
+                torch.nn.Conv3d(1, 8, 3, padding=1),
+                torch.nn.BatchNorm3d(8),
+                torch.nn.Linear(8, 1),
+            )
+
+        def forward(self, ct, mask):
+            x = torch.relu(self.bn(self.conv(ct * mask)))
+            return self.head(x.mean((2, 3, 4))), x[:, :1]
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    net = Tiny().eval()
+    ct, mask = torch.rand(3, 1, 4, 8, 8), torch.ones(3, 1, 4, 8, 8)
+    run = aot_compiled(net, (ct[:2], mask[:2]), torch.bfloat16, {"freezing": True}, 1, {}, False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = net(ct, mask)
+    with torch.no_grad():
+        got, fp32 = run(ct, mask), net(ct, mask)
+    for g, w, f in zip(got, want, fp32, strict=True):
+        assert g.dtype == torch.float32 and (g - w.float()).abs().max() <= 1e-6 < (g - f).abs().max()
 
 
 @pytest.mark.parametrize(
