@@ -513,6 +513,25 @@ def make_study(seed: int = 0, n_nodes: int = 6, shape: tuple[int, int, int] = ST
     return ct_img, label_img, truth
 
 
+def resample_study(ct, labels, spacing: tuple[float, float, float], turn_degrees: float = 0.0):
+    """The study (SimpleITK images) as a scanner with voxels of `spacing` (x, y, z) mm would store it,
+    its axes turned `turn_degrees` about z and a third of that about x (a gantry tilt), about the
+    study's centre: `make_study` has one grid, a hospital's CTs have many."""
+    import SimpleITK as sitk
+
+    turn = Rotation.from_euler("zx", [turn_degrees, turn_degrees / 3], degrees=True).as_matrix()
+    size = (np.array(ct.GetSize()) * ct.GetSpacing() / spacing).astype(int)
+    centre = ct.TransformContinuousIndexToPhysicalPoint(((np.array(ct.GetSize()) - 1) / 2).tolist())
+    grid = sitk.Image(size.tolist(), sitk.sitkUInt8)
+    grid.SetSpacing(spacing)
+    grid.SetDirection(turn.ravel().tolist())
+    grid.SetOrigin((np.array(centre) - turn @ ((size - 1) / 2 * spacing)).tolist())
+    return (
+        sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1024.0, ct.GetPixelID()),
+        sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID()),
+    )
+
+
 def write_study(
     out_dir: str | Path, seed: int = 0, n_nodes: int = 6, shape: tuple[int, int, int] = STUDY_SHAPE
 ) -> dict[str, Path]:

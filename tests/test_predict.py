@@ -18,7 +18,7 @@ import torch
 from m2anet import NodeClassifier, node_report
 from m2anet.classifier import CPU_BATCH
 from m2anet.cli import predict
-from m2anet.data import make_study
+from m2anet.data import make_study, resample_study
 from m2anet.engines import InputError
 from m2anet.io import COMMIT_JOURNAL, finish_commit, sha256_file
 from m2anet.manifest import ArtifactError, read_manifest, write_manifest
@@ -172,6 +172,31 @@ def test_study_rotated_in_patient_space_gives_the_same_results(classifier, study
         assert turned_ct.TransformIndexToPhysicalPoint([b[f"voxel_{a}"] for a in "ijk"]) == pytest.approx(
             ct.TransformIndexToPhysicalPoint([a[f"voxel_{k}"] for k in "ijk"]), abs=CENTROID_MM
         )
+
+
+def test_patch_masks_are_the_label_map_at_the_patch_points_on_an_oblique_grid(study):
+    """A node's patch mask is cut from its whole-extent sample on the lattice, not resampled: it must be
+    the label map at the patch's own lattice points, here on a 0.75 x 0.75 x 2.0 mm grid turned 12
+    degrees about z and 4 about x."""
+    ct, labels = resample_study(*study[:2], (0.75, 0.75, 2.0), 12.0)
+    prepared = prepare_study(ct, labels)
+    assert len(prepared.classified) == 3
+    for i, origin, mask in zip(prepared.classified, prepared.patch_origins, prepared.mask[:, 0], strict=True):
+        at_patch = sitk.Resample(
+            labels, [64, 64, 16], sitk.Transform(), sitk.sitkNearestNeighbor, origin, (0.8, 0.8, 3.0)
+        )
+        np.testing.assert_array_equal(mask, sitk.GetArrayFromImage(at_patch) == prepared.nodes[i].label)
+
+
+def test_a_node_inside_its_patch_is_not_called_larger_than_it():
+    """On 1.25 mm slices every fifth patch slice lies half way between two CT slices, where round-off
+    picks the nearest. The node's mask and its patch's were sampled apart and could pick differently:
+    8 voxels apart, node 5 here (7.4 mm short axis, 409 mm3) was reported larger than the 51 x 51 x 48
+    mm patch."""
+    ct, labels = resample_study(*make_study(seed=1, n_nodes=6)[:2], (0.7, 0.7, 1.25))
+    prepared = prepare_study(ct, labels)
+    assert len(prepared.classified) == 6 and prepared.warnings == []
+    assert not any(node.larger_than_patch for node in prepared.nodes)
 
 
 def test_numpy_inputs_with_geometry_match_images(classifier, study):
