@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 def roc_auc(label: np.ndarray, score: np.ndarray) -> float:
@@ -19,6 +18,8 @@ def roc_auc_rows(label: np.ndarray, score: np.ndarray) -> np.ndarray:
     label = np.asarray(label).astype(bool)
     n_pos = label.sum(axis=-1)
     n_neg = label.shape[-1] - n_pos
+    from scipy.stats import rankdata  # here: importing scipy.stats took a third of every m2a-* start
+
     ranks = rankdata(score, axis=-1)
     return ((ranks * label).sum(axis=-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
