@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from m2anet.contract import PATCH_SHAPE
 from m2anet.engines.environment import cpu_flags
 from m2anet.engines.torch_backend import cuda_math
-from m2anet.model import PATCH_SHAPE
 
 COMPUTE_TYPES = {
     "fp32": ("fp32", "tf32"),

@@ -16,8 +16,8 @@ from types import TracebackType
 import numpy as np
 from tqdm import tqdm
 
+from m2anet.contract import PATCH_SHAPE
 from m2anet.data import Cohort
-from m2anet.model import PATCH_SHAPE
 
 OUTPUT_NAMES = ("met_logit", "seg_logit")
 INPUT_NAMES = ("ct", "mask")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pynvml
-import torch
 
 from m2anet.optional import lazy_import
 
@@ -27,6 +26,8 @@ LIBRARIES = ("m2anet", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy
 def cuda_missing_reason(device: str = "cuda") -> str | None:
     """None when torch can run on `device` (cuda or cuda:N) here, otherwise a one-line reason: torch
     itself answers a CPU-only build with a bare AssertionError."""
+    import torch  # here, as in gpu_facts: the probes that need it load it, not every importer
+
     if torch.version.cuda is None:
         return f"this torch {torch.__version__} is a CPU-only build"
     if not torch.cuda.is_available():
@@ -91,6 +92,8 @@ def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
 
 def gpu_facts(device: int | None = None) -> dict[str, str]:
     """The GPU facts an engine is tied to, as the manifest records and the runtime checks them."""
+    import torch
+
     index = torch.cuda.current_device() if device is None else device
     props = torch.cuda.get_device_properties(index)
     return {

@@ -25,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from m2anet.contract import PATCH_SHAPE
 from m2anet.engines.base import INPUT_NAMES, Backend
 from m2anet.engines.environment import cuda_missing_reason
 from m2anet.engines.spec import TORCH_PRECISIONS
-from m2anet.model import PATCH_SHAPE, Heads, create_model, fold_batchnorm
+from m2anet.model import Heads, create_model, fold_batchnorm
 from m2anet.optional import lazy_import
 
 TORCH_TRT_KEYWORDS: dict[str, Any] = json.loads(

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from m2anet.contract import PATCH_SHAPE
 from m2anet.engines.base import INPUT_NAMES, OUTPUT_NAMES, Backend
 from m2anet.engines.environment import gpu_facts, tensorrt_missing_reason
 from m2anet.manifest import ArtifactError, artifact_entry
-from m2anet.model import PATCH_SHAPE
 from m2anet.optional import lazy_import
 
 if TYPE_CHECKING:

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from m2anet.contract import PATCH_SHAPE
 from m2anet.engines.base import INPUT_NAMES
 from m2anet.engines.environment import gpu_facts, tensorrt_missing_reason
 from m2anet.engines.trt_backend import trt_logger, trt_major
 from m2anet.io import atomic_path
-from m2anet.model import PATCH_SHAPE
 from m2anet.optional import lazy_import
 
 if TYPE_CHECKING:

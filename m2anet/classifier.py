@@ -19,10 +19,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from m2anet.contract import HU_WINDOW
 from m2anet.engines import Backend, BackendSpec, InputError, check_inputs, open_backend
 from m2anet.engines.choice import fastest_artifact_spec
+from m2anet.engines.environment import cuda_missing_reason
 from m2anet.io import sha256_file
 from m2anet.manifest import (
     PRECISIONS,
@@ -34,7 +35,6 @@ from m2anet.manifest import (
     verified_weights,
 )
 from m2anet.metrics import sigmoid
-from m2anet.model import HU_WINDOW
 from m2anet.node_report import StudyReport, node_row
 from m2anet.preprocess import MaskCanvas, Progress, StudyNodes, as_image
 from m2anet.weights import shipped_weights, training_record
@@ -134,7 +134,7 @@ class NodeClassifier:
         if spec is None:
             spec = fastest_artifact_spec(folder, manifest, precision)
             if spec is None:
-                spec = BackendSpec("torch:cuda" if torch.cuda.is_available() else "torch:cpu")
+                spec = BackendSpec("torch:cpu" if cuda_missing_reason() else "torch:cuda")
                 warnings.warn(
                     f"{folder} has no {artifact_name(precision, 'onnx')}: running the exported weights on "
                     f"{spec.spec} (export {precision} for speed)",

@@ -33,6 +33,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from tqdm import tqdm
 
+from m2anet.contract import HU_WINDOW, PATCH_SPACING_MM
 from m2anet.data import (
     FRESH_NODES,
     FRESH_SEED,
@@ -47,7 +48,6 @@ from m2anet.data import (
 )
 from m2anet.io import atomic_path, write_json
 from m2anet.metrics import accuracy_threshold, binary_metrics, roc_auc, sigmoid
-from m2anet.model import HU_WINDOW, PATCH_SPACING_MM
 from m2anet.optional import lazy_import
 from m2anet.preprocess import short_axis_mm
 

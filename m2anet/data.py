@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from m2anet.model import HU_WINDOW, PATCH_SHAPE, PATCH_SPACING_MM, hu_scale
+from m2anet.contract import HU_WINDOW, PATCH_SHAPE, PATCH_SPACING_MM, hu_scale
 
 GENERATOR_VERSION = 3
 

@@ -35,34 +35,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Literal, cast
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from m2anet.contract import HU_WINDOW, INPUTS, PATCH_SHAPE, PATCH_SPACING_MM, InputContract, hu_scale
 
-@dataclass(frozen=True)
-class InputContract:
-    """What a node patch must be for the model: kept with the registered config (as timm keeps a
-    model's input size and normalisation in its `PretrainedCfg`), so preprocessing, export
-    manifests and verification read it from one place instead of retyping it."""
-
-    patch_shape_zyx: tuple[int, int, int] = (16, 64, 64)
-    spacing_mm_zyx: tuple[float, float, float] = (3.0, 0.8, 0.8)
-    hu_window: tuple[float, float] = (-175.0, 275.0)
-    """HU are clipped to this window and scaled to [0, 1] before the model."""
-
-    def as_dict(self) -> dict[str, Any]:
-        lo, hi = self.hu_window
-        return {**asdict(self), "scale": f"(clip(HU, {lo:g}, {hi:g}) - ({lo:g})) / {hi - lo:g}"}
-
-
-INPUTS = InputContract()
-PATCH_SHAPE = INPUTS.patch_shape_zyx
-PATCH_SPACING_MM = INPUTS.spacing_mm_zyx
-HU_WINDOW = INPUTS.hu_window
 S3_SHAPE = (16, 16, 16)
 S3_SPACING_MM = (3.0, 3.2, 3.2)
 """Grid of the soft masks: the patch after the (1, 4, 4) pooling of S2 and S3."""
@@ -299,16 +279,6 @@ class ContourOutline(nn.Module):
         area = (faces * self.face_mm2).sum(1)
         sphericity = self.sphere * torch.pow(n, 2.0 / 3.0) / (area + self.eps)
         return torch.stack([moment, axial, sphericity], dim=1)  # (B, 3)
-
-
-_HU = TypeVar("_HU", float, np.ndarray)
-
-
-def hu_scale(hu: _HU) -> _HU:
-    """HU on the model's input scale (HU_WINDOW to [0, 1], not clipped): for the thresholds in HU that
-    the network reads, and inside `m2anet.data.hu_to_input`, which clips the CT first."""
-    lo, hi = HU_WINDOW
-    return (hu - lo) / (hi - lo)
 
 
 class IntensityStats(nn.Module):

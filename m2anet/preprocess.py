@@ -45,8 +45,8 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 import numpy as np
 from scipy.spatial import ConvexHull
 
+from m2anet.contract import PATCH_SHAPE, PATCH_SPACING_MM
 from m2anet.data import hu_to_input
-from m2anet.model import PATCH_SHAPE, PATCH_SPACING_MM
 from m2anet.optional import lazy_import
 
 AIR_HU = -1024.0

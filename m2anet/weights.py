@@ -1,16 +1,20 @@
 """Loading and saving weights without pickle: safetensors, or a torch state dict read with
-`weights_only=True`. A checkpoint that does not fit the config fails naming the first mismatch."""
+`weights_only=True`. A checkpoint that does not fit the config fails naming the first mismatch.
+
+torch is imported where weights are read or written: the manifest and `NodeClassifier` ask this module
+only for paths and records, also where no torch backend runs."""
 
 from __future__ import annotations
 
 import json
 from importlib import resources
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from m2anet.io import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 
 class WeightsError(ValueError):
@@ -38,6 +42,9 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+    from safetensors.torch import load_file
+
     if not path.is_file():
         raise WeightsError(f"weights file {path} not found: pass an existing .safetensors or .pt file")
     if _is_safetensors(path):
@@ -114,6 +121,8 @@ def _decoder_key(key: str, model: torch.nn.Module) -> bool:
 
 
 def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)

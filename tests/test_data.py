@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from m2anet.contract import PATCH_SHAPE
 from m2anet.data import SIGN_NAMES, SPLITS, load_split
-from m2anet.model import PATCH_SHAPE
 
 
 def test_same_seed_same_arrays_and_prefix_stability():

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from m2anet import create_model, list_models, model_stats
+from m2anet.contract import PATCH_SHAPE
 from m2anet.model import (
-    PATCH_SHAPE,
     S3_SHAPE,
     S3_SPACING_MM,
     ContourOutline,

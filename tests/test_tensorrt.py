@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from m2anet import create_model
+from m2anet.contract import PATCH_SHAPE
 from m2anet.engines.environment import tensorrt_missing_reason
 from m2anet.engines.trt_backend import TensorRTBackend, _compatible_versions, check_plan_version
 from m2anet.export.tensorrt_build import build_engine
 from m2anet.io import sha256_file
 from m2anet.manifest import MANIFEST, ArtifactError, write_manifest
-from m2anet.model import PATCH_SHAPE
 
 REASON = tensorrt_missing_reason()
 needs_trt = pytest.mark.skipif(REASON is not None, reason=f"needs TensorRT and a GPU: {REASON}")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from m2anet.bench.select import select
 from m2anet.cli import train as train_cli
+from m2anet.contract import PATCH_SHAPE
 from m2anet.data import Cohort, load_split
 from m2anet.engines import BackendSpec
 from m2anet.engines.torch_backend import (
@@ -41,7 +42,7 @@ from m2anet.engines.torch_backend import (
 )
 from m2anet.io import sha256_file
 from m2anet.manifest import read_manifest, write_manifest
-from m2anet.model import PATCH_SHAPE, M2ANet, M2ANetConfig, create_model
+from m2anet.model import M2ANet, M2ANetConfig, create_model
 from m2anet.train import TrainDevice, TrainSteps, _flip, _soft_dice_loss, train_throughput
 from m2anet.weights import shipped_weights
 

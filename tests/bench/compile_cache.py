@@ -29,8 +29,8 @@ def child(model: str, device: str, cache: str, prepack: bool, aoti: bool) -> Non
     from torch._dynamo.utils import counters
     from torch._inductor import config
 
+    from m2anet.contract import PATCH_SHAPE
     from m2anet.engines.torch_backend import TorchBackend
-    from m2anet.model import PATCH_SHAPE
 
     config.cpp.weight_prepack = prepack
     t0 = time.perf_counter()

@@ -18,8 +18,9 @@ import torch
 from torch._inductor import config
 from torch._inductor.utils import run_and_get_code
 
+from m2anet.contract import PATCH_SHAPE
 from m2anet.engines.torch_backend import channels_last, compiled
-from m2anet.model import PATCH_SHAPE, create_model
+from m2anet.model import create_model
 
 LAUNCH = re.compile(r"^\s+(cpp_fused\w*\(|\w+\.run\(|extern_kernels\.\w+\()", re.M)
 CONV_OUT = re.compile(r"assert_size_stride\(\w+, \([^)]*\), \(([^)]*)\), 'torch.ops.aten.convolution")

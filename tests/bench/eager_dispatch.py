@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from m2anet.contract import PATCH_SHAPE
 from m2anet.engines import open_backend
 from m2anet.engines.torch_backend import cast_weights_once
-from m2anet.model import PATCH_SHAPE, create_model
+from m2anet.model import create_model
 
 
 class Count(TorchDispatchMode):
