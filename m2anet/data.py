@@ -29,12 +29,16 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from m2anet.contract import HU_WINDOW, PATCH_SHAPE, PATCH_SPACING_MM, hu_scale
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 GENERATOR_VERSION = 3
 
@@ -513,7 +517,9 @@ def make_study(seed: int = 0, n_nodes: int = 6, shape: tuple[int, int, int] = ST
     return ct_img, label_img, truth
 
 
-def resample_study(ct, labels, spacing: tuple[float, float, float], turn_degrees: float = 0.0):
+def resample_study(
+    ct: sitk.Image, labels: sitk.Image, spacing: tuple[float, float, float], turn_degrees: float = 0.0
+) -> tuple[sitk.Image, sitk.Image]:
     """The study (SimpleITK images) as a scanner with voxels of `spacing` (x, y, z) mm would store it,
     its axes turned `turn_degrees` about z and a third of that about x (a gantry tilt), about the
     study's centre: `make_study` has one grid, a hospital's CTs have many."""
