@@ -420,22 +420,23 @@ def _lattice_origin(ct: sitk.Image) -> np.ndarray:
     return _corners(ct).min(axis=0) + np.array(LATTICE_SPACING) / 2
 
 
-def _resample(
-    image: sitk.Image, origin: np.ndarray, size: Sequence[int], linear: bool, default: float
-) -> np.ndarray:
-    """`image` sampled on an axis-aligned block of the lattice; array (z, y, x)."""
-    out = sitk.Resample(
-        image,
-        [int(s) for s in size],
-        sitk.Transform(),
-        sitk.sitkLinear if linear else sitk.sitkNearestNeighbor,
-        origin.tolist(),
-        LATTICE_SPACING,
-        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
-        default,
-        sitk.sitkFloat32 if linear else sitk.sitkUInt32,
-    )
-    return sitk.GetArrayFromImage(out)
+class _LatticeSampler:
+    """`image` sampled on axis-aligned blocks of the lattice through one ITK filter, set up once:
+    `sitk.Resample`'s procedural form builds a filter and three transforms on every call, 0.15-0.2 ms of
+    each of a node's two resamples (0.4 and 0.8 ms)."""
+
+    def __init__(self, image: sitk.Image, linear: bool, default: float) -> None:
+        self._image, self._filter = image, sitk.ResampleImageFilter()
+        self._filter.SetInterpolator(sitk.sitkLinear if linear else sitk.sitkNearestNeighbor)
+        self._filter.SetOutputPixelType(sitk.sitkFloat32 if linear else sitk.sitkUInt32)
+        self._filter.SetOutputSpacing(LATTICE_SPACING)
+        self._filter.SetDefaultPixelValue(default)
+
+    def __call__(self, origin: np.ndarray, size: Sequence[int]) -> np.ndarray:
+        """The block of `size` (x, y, z) lattice voxels from `origin`, as an array (z, y, x)."""
+        self._filter.SetOutputOrigin(origin.tolist())
+        self._filter.SetSize([int(n) for n in size])
+        return sitk.GetArrayFromImage(self._filter.Execute(self._image))
 
 
 def short_axis_mm(node: np.ndarray, spacing_yx: tuple[float, float] = PATCH_SPACING_MM[1:]) -> float:
@@ -480,7 +481,7 @@ def _node_extent_on_lattice(
 
 
 def _cut_patch(
-    ct: sitk.Image, lattice: np.ndarray, centroid: np.ndarray, whole: np.ndarray, lo: np.ndarray
+    ct: _LatticeSampler, lattice: np.ndarray, centroid: np.ndarray, whole: np.ndarray, lo: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Patch origin (x, y, z), HU and node mask (z, y, x) of the lattice block centred on `centroid`.
 
@@ -489,7 +490,7 @@ def _cut_patch(
     centre = (centroid - lattice) / LATTICE_SPACING
     start = np.round(centre - (np.array(PATCH_SIZE) - 1) / 2).astype(int)
     origin = lattice + start * LATTICE_SPACING
-    hu = _resample(ct, origin, PATCH_SIZE, True, AIR_HU)
+    hu = ct(origin, PATCH_SIZE)
     mask = np.zeros(PATCH_SHAPE, bool)
     offset = (lo - start)[::-1]  # where `whole` begins in the block, (z, y, x)
     block = tuple(
@@ -557,6 +558,8 @@ class StudyNodes:
         ct, label_array = self.reference, self._labels
         label_image = sitk.GetImageFromArray(label_array)
         label_image.CopyInformation(ct)
+        ct_on_lattice = _LatticeSampler(ct, True, AIR_HU)
+        labels_on_lattice = _LatticeSampler(label_image, False, 0)
         lattice = _lattice_origin(ct)
         size_zyx = np.array(label_array.shape)
         self.nodes, self.warnings = [], []
@@ -571,7 +574,7 @@ class StudyNodes:
             )
             centroid, voxel, volume = _measure(ct, zyx)
             lo, hi = _node_extent_on_lattice(ct, box, lattice)
-            whole = _resample(label_image, lattice + lo * LATTICE_SPACING, hi - lo, False, 0) == index
+            whole = labels_on_lattice(lattice + lo * LATTICE_SPACING, hi - lo) == index
             node_kwargs: _Measured = {
                 "label": value,
                 "centroid_mm": centroid,
@@ -588,7 +591,7 @@ class StudyNodes:
                 warnings.append(reason)
                 nodes.append(Node(**node_kwargs, larger_than_patch=False, skipped=reason))
             else:
-                origin, hu, mask = _cut_patch(ct, lattice, np.array(centroid), whole, lo)
+                origin, hu, mask = _cut_patch(ct_on_lattice, lattice, np.array(centroid), whole, lo)
                 larger = int(mask.sum()) < int(whole.sum())
                 if larger:
                     warnings.append(
