@@ -2,8 +2,12 @@
 offline GPU image without it (ci/gpu-check)."""
 
 import contextlib
+import fcntl
 import io
+import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,15 +29,36 @@ def test_split():
     return load_split("test", n=200)
 
 
+def _built_once(tmp_path_factory, name, build):
+    """What `build(folder)` returns (JSON), built once per test run. Each pytest-xdist worker (ci/test runs
+    two) holds its own session, so a session fixture would be built by every worker that asks for it: the
+    first builds it in the run's shared temp root under a lock, the others wait there and reuse it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent  # this run's, shared by its workers
+    result = root / f"{name}.json"  # written last: a build that failed leaves none, the next tries again
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.is_file():
+            folder = root / name
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            result.write_text(json.dumps(build(folder)), encoding="utf-8")
+    return json.loads(result.read_text(encoding="utf-8"))
+
+
 @pytest.fixture(scope="session")
 def small(tmp_path_factory):
     """One `m2a-export --precision all` of the small model, shared by the export and verify tests. INT8 is
     calibrated with max on 64 nodes, where `--calib-method auto` ends for these weights after two failed
     percentile tries (the search itself: `refused_int8`)."""
-    out = tmp_path_factory.mktemp("artifacts")
-    args = ["--model", "m2anet_small", "--precision", "all", "--out", str(out), "--quiet"]
-    assert cli.main([*args, "--parity-nodes", "24", "--calib-method", "max", "--calib-size", "64"]) == 0
-    return out / "m2anet_small"
+
+    def export(out):
+        args = ["--model", "m2anet_small", "--precision", "all", "--out", str(out), "--quiet"]
+        assert cli.main([*args, "--parity-nodes", "24", "--calib-method", "max", "--calib-size", "64"]) == 0
+        return str(out / "m2anet_small")
+
+    return Path(_built_once(tmp_path_factory, "artifacts", export))
 
 
 @pytest.fixture(scope="session")
@@ -46,20 +71,24 @@ def refused_int8(small, tmp_path_factory):
     calibrations tried, the --diagnose test re-quantizes this graph, on 8 calibration nodes per
     trial instead of the shared export's 64.
     """
-    out = tmp_path_factory.mktemp("refused")
-    folder = out / "m2anet_small"
-    folder.mkdir()
-    for name in ("manifest.json", "model.fp32.onnx"):  # the FP32 graph is reused, not re-exported
-        shutil.copy(small / name, folder / name)
-    args = ["--model", "m2anet_small", "--precision", "int8", "--out", str(out), "--quiet"]
-    args += ["--parity-nodes", "24", "--calib-size", "8"]
-    stderr = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(TIERS, "int8", Tier("int8", max_flip_fraction=0.0, min_relative_auc=1.5))
-        with contextlib.redirect_stderr(stderr):
-            refused = cli.main(args)
-        kept = cli.main([*args, "--allow-parity-fail"])
-    return {"refused": refused, "stderr": stderr.getvalue(), "kept": kept, "folder": folder}
+
+    def refuse(out):
+        folder = out / "m2anet_small"
+        folder.mkdir()
+        for name in ("manifest.json", "model.fp32.onnx"):  # the FP32 graph is reused, not re-exported
+            shutil.copy(small / name, folder / name)
+        args = ["--model", "m2anet_small", "--precision", "int8", "--out", str(out), "--quiet"]
+        args += ["--parity-nodes", "24", "--calib-size", "8"]
+        stderr = io.StringIO()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(TIERS, "int8", Tier("int8", max_flip_fraction=0.0, min_relative_auc=1.5))
+            with contextlib.redirect_stderr(stderr):
+                refused = cli.main(args)
+            kept = cli.main([*args, "--allow-parity-fail"])
+        return {"refused": refused, "stderr": stderr.getvalue(), "kept": kept, "folder": str(folder)}
+
+    built = _built_once(tmp_path_factory, "refused", refuse)
+    return {**built, "folder": Path(built["folder"])}
 
 
 @pytest.fixture(scope="session")
