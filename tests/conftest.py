@@ -153,3 +153,10 @@ def keys(tmp_path):
         )
         paths.append((private, public))
     return paths
+
+
+def pytest_configure(config):
+    """One torch thread per pytest-xdist worker: two workers of two threads each on CI's two cores
+    oversubscribe them, and OpenMP's spinning threads slowed the training tests five times."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        torch.set_num_threads(1)
