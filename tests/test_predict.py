@@ -18,6 +18,7 @@ import torch
 from m2anet import NodeClassifier, node_report
 from m2anet.classifier import CPU_BATCH
 from m2anet.cli import predict
+from m2anet.contract import PATCH_SHAPE, PATCH_SPACING_MM
 from m2anet.data import make_study, resample_study
 from m2anet.engines import InputError
 from m2anet.io import COMMIT_JOURNAL, finish_commit, sha256_file
@@ -183,7 +184,12 @@ def test_patch_masks_are_the_label_map_at_the_patch_points_on_an_oblique_grid(st
     assert len(prepared.classified) == 3
     for i, origin, mask in zip(prepared.classified, prepared.patch_origins, prepared.mask[:, 0], strict=True):
         at_patch = sitk.Resample(
-            labels, [64, 64, 16], sitk.Transform(), sitk.sitkNearestNeighbor, origin, (0.8, 0.8, 3.0)
+            labels,
+            PATCH_SHAPE[::-1],
+            sitk.Transform(),
+            sitk.sitkNearestNeighbor,
+            origin,
+            PATCH_SPACING_MM[::-1],
         )
         np.testing.assert_array_equal(mask, sitk.GetArrayFromImage(at_patch) == prepared.nodes[i].label)
 
