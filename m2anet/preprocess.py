@@ -428,7 +428,8 @@ class _LatticeSampler:
     def __init__(self, image: sitk.Image, linear: bool, default: float) -> None:
         self._image, self._filter = image, sitk.ResampleImageFilter()
         self._filter.SetInterpolator(sitk.sitkLinear if linear else sitk.sitkNearestNeighbor)
-        self._filter.SetOutputPixelType(sitk.sitkFloat32 if linear else sitk.sitkUInt32)
+        if linear:  # labels keep their compact map's type (one byte a voxel below 256 nodes)
+            self._filter.SetOutputPixelType(sitk.sitkFloat32)
         self._filter.SetOutputSpacing(LATTICE_SPACING)
         self._filter.SetDefaultPixelValue(default)
 
