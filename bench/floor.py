@@ -22,14 +22,15 @@ from m2anet.engines.environment import cpu_flags
 from m2anet.engines.torch_backend import cuda_math
 
 COMPUTE_TYPES = {
-    "fp32": ("fp32", "tf32"),
+    "fp32": ("fp32",),
     "tf32": ("fp32", "tf32"),
     "fp16": ("fp32", "tf32", "fp16"),
     "bf16": ("fp32", "tf32", "bf16"),
     "int8": ("fp32", "tf32", "fp16", "bf16", "int8"),
 }
-"""Matrix-product types a backend of each precision may use: its floor takes the fastest of them (an FP32
-TensorRT engine may use TF32, so FP32's floor is TF32's)."""
+"""Matrix-product types a backend of each precision may use: its floor takes the fastest of them. FP32 is
+IEEE FP32 on every backend (TF32 is off in PyTorch's fp32, TensorRT builds and ONNX Runtime's CUDA provider;
+an FP32 graph on ONNX Runtime's TensorRT provider is reported as tf32), so FP32's floor is FP32's own."""
 
 WEIGHT_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 IO_BYTES_PER_NODE = 4 * (3 * PATCH_SHAPE[0] * PATCH_SHAPE[1] * PATCH_SHAPE[2] + 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +75,14 @@ def provider_options(manifest: dict[str, Any], onnx: Path, provider: str) -> lis
     per batch size would be a runner of its own. The CUDA-graph path here is
     `trt:FILE.plan@cuda_graphs=true` (one graph per batch size).
 
-    Option names and value spellings follow ONNX Runtime's TensorRT execution provider documentation;
-    all exist in onnxruntime-gpu 1.20, the oldest release the `gpu` extra admits (its Python bindings
-    want booleans spelled 'True'/'False').
+    CUDA provider (and the TensorRT provider's CUDA fallback): `use_tf32` off. The provider allows TF32 in
+    FP32 convolutions and matrix products by default, rounding their inputs to 10-bit mantissas, which the
+    fp32 tier does not allow; off, FP32 in the graph is IEEE FP32. The TensorRT provider has no such
+    switch (`precision_run`).
+
+    Option names and value spellings follow ONNX Runtime's execution provider documentation; all exist
+    in onnxruntime-gpu 1.27, the oldest release the `gpu` extra admits (its Python bindings want the
+    TensorRT provider's booleans spelled 'True'/'False'; the CUDA provider's are parsed as 0 or 1).
     """
     if provider not in PROVIDERS:
         raise ValueError(f"unknown ONNX Runtime device {provider!r}: choose {', '.join(PROVIDERS)}")
@@ -93,7 +100,20 @@ def provider_options(manifest: dict[str, Any], onnx: Path, provider: str) -> lis
         if manifest["artifacts"][onnx.name]["precision"] == "int8":
             trt_options["trt_int8_enable"] = "True"
         options["TensorrtExecutionProvider"] = trt_options
+    if "CUDAExecutionProvider" in options:
+        options["CUDAExecutionProvider"]["use_tf32"] = "0"
     return list(options.items())
+
+
+def precision_run(graph: str, provider: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The precision `provider` runs a `graph` precision ONNX file in. TensorRT allows TF32 for FP32
+    layers unless told not to, and ONNX Runtime's TensorRT provider has no option to tell it (unlike its
+    CUDA provider's `use_tf32`): an FP32 graph runs there in TF32, and is judged by the tf32 tier, unless
+    the process was started with NVIDIA_TF32_OVERRIDE=0, which turns TF32 off in every CUDA library it
+    loads. (Before Ampere there is no TF32 and FP32 runs: the looser tier then still holds.)"""
+    if provider == "trt" and graph == "fp32" and environ.get("NVIDIA_TF32_OVERRIDE") != "0":
+        return "tf32"
+    return graph
 
 
 class OrtBackend(Backend):
@@ -116,7 +136,7 @@ class OrtBackend(Backend):
             )
         self.manifest = manifest = read_manifest(path.parent)
         self.path, self.threads, self.provider = path, threads, device
-        self.name, self.precision = f"ort:{device}", entry["precision"]
+        self.name, self.precision = f"ort:{device}", precision_run(entry["precision"], device)
         self.session = self.new_session()
         # `device` says where it runs (cpu or cuda); the provider is in the name
         self.device = "cpu" if device == "cpu" else "cuda"

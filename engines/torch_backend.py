@@ -623,7 +623,8 @@ def compile_keywords(version: str, wanted: dict[str, Any]) -> dict[str, Any]:
 def _torch_tensorrt(model: torch.nn.Module, batch: tuple[int, int, int], precision: str) -> torch.nn.Module:
     """Compile with torch-tensorrt (dynamo IR), explicitly typed like every engine of this project:
     FP32 as exported, or FP16 through torch-tensorrt's autocast (it keeps reductions in FP32).
-    Without `autocast_low_precision_type` the autocast is a no-op and the engine stays FP32."""
+    Without `autocast_low_precision_type` the autocast is a no-op and the engine stays FP32. TF32, which
+    TensorRT allows by default, is disabled: FP32 layers stay IEEE FP32 (export/tensorrt_build.py)."""
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"torch-trt offers fp32 or fp16, got {precision!r}")
     shape = (1, *PATCH_SHAPE)
@@ -639,6 +640,7 @@ def _torch_tensorrt(model: torch.nn.Module, batch: tuple[int, int, int], precisi
     half = precision == "fp16"
     wanted = {
         "use_explicit_typing": True,
+        "disable_tf32": True,
         "enable_autocast": half,
         "autocast_low_precision_type": torch.float16 if half else None,
     }

@@ -428,6 +428,7 @@ class Exporter:
             "opt_level": a.opt_level,
             "version_compatible": a.version_compatible,
             "hardware_compatible": a.hardware_compatible,
+            "tf32": False,  # plans built before TF32 was cleared (tensorrt_build) are not reused
         }
         old = self.reusable(name, recipe)
         if old is None:

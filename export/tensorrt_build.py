@@ -3,6 +3,9 @@
 Precision lives in the ONNX graph (FP32, FP16 inside, or explicit INT8 Q/DQ), never in builder
 flags: TensorRT 11 removed the weak-typing flags (FP16, INT8, ...) and always builds strongly
 typed networks, so building strongly typed on 10.x too gives the same engine semantics on both.
+The one precision flag left, TF32, is on by default in both and lets FP32 convolutions and matrix
+products round their inputs to 10-bit mantissas: it is cleared, so FP32 in the graph (all of the fp32
+graph, the FP32 islands of the others) is IEEE FP32, as the fp32 parity tier needs.
 
 `tensorrt` is imported on first use, so this module (and everything that imports it) loads on
 machines without TensorRT or a GPU; `tensorrt_missing_reason()` says why it cannot run.
@@ -115,6 +118,7 @@ def build_engine(
         profile.set_shape(name, shapes[0], shapes[1], shapes[2])
 
     config = builder.create_builder_config()
+    config.clear_flag(trt.BuilderFlag.TF32)
     config.add_optimization_profile(profile)
     config.builder_optimization_level = opt_level
     if workspace_gib is not None:

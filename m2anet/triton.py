@@ -33,7 +33,9 @@ model.fp16.onnx keeps in FP32 (neither Triton's onnxruntime backend nor the prov
 typed mode), so the parity proved on the graph would not carry over. Under FP32 the FP16 graph's FP16
 parts may run in FP32: slower, never less accurate; the plan (strongly typed) runs them in FP16. INT8
 maps to trt_int8_enable, which a weakly typed TensorRT 10 network needs to accept the graph's explicit
-Q/DQ; TensorRT then quantizes where they are and nowhere else."""
+Q/DQ; TensorRT then quantizes where they are and nowhere else. TF32 has no accelerator parameter: TensorRT
+allows it for FP32 layers unless the server runs with NVIDIA_TF32_OVERRIDE=0, so serve the plan (TF32
+cleared at build) where FP32 must be IEEE FP32 (`ort_backend.precision_run`)."""
 WARMUP_MASK = "mask"
 """The warmup sample's mask, a file in MODEL/warmup/ (Triton's `input_data_file`)."""
 ONNX_HEADER = (

@@ -58,11 +58,11 @@ class Verification:
 
 
 def artifact_context(spec: BackendSpec) -> dict[str, Any]:
-    """Model, heads, weights, threshold and precision of the artifact a spec opens (if any)."""
+    """Model, heads, weights and threshold of the artifact a spec opens (if any)."""
     path = spec.artifact
     if path is None:
         return {}
-    entry = artifact_entry(path, verify=False)  # the backend verifies the hash when it opens
+    artifact_entry(path, verify=False)  # listed in the manifest (the backend verifies the hash when it opens)
     manifest = read_manifest(path.parent)
     m = manifest["model"]
     return {
@@ -70,17 +70,16 @@ def artifact_context(spec: BackendSpec) -> dict[str, Any]:
         "heads": m["heads"],
         "weights": str(verified_weights(m)),
         "threshold": m["threshold"],
-        "precision": entry["precision"],
         "max_batch": manifest["batch_profile"]["max"],
         "artifact": str(path),
     }
 
 
 def served_context(backend: Backend) -> dict[str, Any]:
-    """What `m2a-triton` recorded in the served model's config: model, heads, threshold, precision
-    (the reference runs the shipped weights of that model)."""
+    """What `m2a-triton` recorded in the served model's config: model, heads, threshold (the reference
+    runs the shipped weights of that model; the backend reads the precision from the same record)."""
     params: dict[str, str] = getattr(backend, "parameters", {})
-    keys = {"model_name": "m2anet_model", "heads": "m2anet_heads", "precision": "m2anet_precision"}
+    keys = {"model_name": "m2anet_model", "heads": "m2anet_heads"}
     ctx: dict[str, Any] = {k: params[p] for k, p in keys.items() if p in params}
     if "m2anet_threshold" in params:
         ctx["threshold"] = float(params["m2anet_threshold"])
@@ -105,8 +104,9 @@ def verify(options: VerifyOptions) -> Verification:
         model_opts = {"model_name": model_name, "heads": heads, "weights": ctx.get("weights")}
         reference = stack.enter_context(open_backend(options.reference, **model_opts))
         cohort = load_split(options.split, n=options.n)  # after the backends: a bad spec fails at once
-        # what runs, not what was asked: TF32 asked of a pre-Ampere GPU runs and is judged as FP32
-        precision = ctx.get("precision") or cand.precision
+        # what runs, not what was asked or recorded: TF32 asked of a pre-Ampere GPU runs and is judged as
+        # FP32; an FP32 graph runs in TF32 on ONNX Runtime's TensorRT provider (ort_backend.precision_run)
+        precision = cand.precision
         tier_name = precision if options.tier == "auto" else options.tier
         if tier_name not in TIERS:
             raise ValueError(f"no parity tier for precision {tier_name!r}: pass --tier {'|'.join(TIERS)}")

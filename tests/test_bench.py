@@ -77,6 +77,9 @@ def test_floor_is_the_larger_of_compute_and_traffic():
     assert peaks.best_flops("fp16") == 4e11
     assert peaks.best_flops("bf16") == 1e11  # no bf16 units measured: the FP32 peak bounds it
     assert peaks.best_flops("int8") == 8e11
+    gpu = floor.Peaks("cuda", {"fp32": 5e13, "tf32": 4e14, "fp16": 9e14}, 4e12, 1, 1 << 20)
+    assert gpu.best_flops("fp32") == 5e13  # IEEE FP32 everywhere: TF32's rate is not FP32's floor
+    assert gpu.best_flops("tf32") == gpu.best_flops("bf16") == 4e14
 
 
 def test_the_floor_keeps_the_fastest_measurement_of_each_rate():

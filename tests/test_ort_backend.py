@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from m2anet.engines.ort_backend import ORT_TRT_CACHE, provider_options
+from m2anet.engines.ort_backend import ORT_TRT_CACHE, precision_run, provider_options
 from m2anet.manifest import ArtifactError
 
 # Every execution-provider option this project may pass, with where ONNX Runtime documents it
@@ -30,6 +30,9 @@ TRT_OPTIONS = {
     "trt_profile_max_shapes": "shapes (microsoft/onnxruntime#15546)",
     "trt_int8_enable": "bool",
 }
+CUDA_OPTIONS = {"use_tf32": "0 or 1 (microsoft/onnxruntime#19357 and #19426, ONNX Runtime 1.18)"}
+"""The CUDA provider's, parsed as integers: CUDA_OPTIONS in onnxruntime.ai/docs/execution-providers/
+CUDA-ExecutionProvider.html."""
 NEVER = {"trt_fp16_enable", "trt_bf16_enable", "trt_cuda_graph_enable", "enable_cuda_graph"}
 SIGNATURE = [{"name": n, "shape": ["batch", 1, 16, 64, 64], "dtype": "float32"} for n in ("ct", "mask")]
 
@@ -67,7 +70,8 @@ def test_tensorrt_provider_gets_caches_and_the_profile_but_not_a_precision(tmp_p
     if precision == "int8":  # explicit Q/DQ: a weakly typed TensorRT 10 network needs INT8 enabled for them
         expected["trt_int8_enable"] = "True"
     assert trt_options == expected
-    assert providers[1][1] == providers[2][1] == {}
+    assert providers[1][1] == {"use_tf32": "0"}  # the CUDA fallback: IEEE FP32
+    assert providers[2][1] == {}
 
 
 @pytest.mark.parametrize("provider", ["cpu", "cuda", "trt"])
@@ -77,6 +81,9 @@ def test_every_option_is_a_documented_one_with_a_valid_value(tmp_path, provider)
             manifest(precision), tmp_path / f"model.{precision}.onnx", provider
         ):
             assert not set(options) & NEVER, (name, precision)
+            if name == "CUDAExecutionProvider":
+                assert options == {"use_tf32": "0"}, precision
+                continue
             for key, value in options.items():
                 assert key in TRT_OPTIONS, (name, key)
                 assert isinstance(value, str)
@@ -89,7 +96,7 @@ def test_cpu_and_cuda_need_no_batch_profile(tmp_path):
     onnx = tmp_path / "model.fp32.onnx"
     assert provider_options(bare, onnx, "cpu") == [("CPUExecutionProvider", {})]
     assert provider_options(bare, onnx, "cuda") == [
-        ("CUDAExecutionProvider", {}),
+        ("CUDAExecutionProvider", {"use_tf32": "0"}),
         ("CPUExecutionProvider", {}),
     ]
     with pytest.raises(ArtifactError, match="no batch_profile"):
@@ -109,3 +116,19 @@ def test_the_engine_cache_follows_the_artifact_hash(tmp_path):
 def test_unknown_provider_is_refused():
     with pytest.raises(ValueError, match="choose cpu, cuda, trt"):
         provider_options(manifest("fp32"), Path("model.fp32.onnx"), "rocm")
+
+
+@pytest.mark.parametrize(
+    ("graph", "provider", "environ", "runs"),
+    [
+        ("fp32", "trt", {}, "tf32"),  # TensorRT allows TF32, and this provider cannot say otherwise
+        ("fp32", "trt", {"NVIDIA_TF32_OVERRIDE": "0"}, "fp32"),
+        ("fp32", "trt", {"NVIDIA_TF32_OVERRIDE": "1"}, "tf32"),
+        ("fp32", "cuda", {}, "fp32"),  # use_tf32 off
+        ("fp32", "cpu", {}, "fp32"),
+        ("fp16", "trt", {}, "fp16"),  # its FP32 islands in TF32 are within the fp16 tier
+        ("int8", "trt", {}, "int8"),
+    ],
+)
+def test_the_precision_reported_is_the_one_that_runs(graph, provider, environ, runs):
+    assert precision_run(graph, provider, environ) == runs
