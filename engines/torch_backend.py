@@ -583,13 +583,15 @@ class TorchBackend(Backend):
             staged = self._pinned.view("inputs", (2, *ct.shape))
             staged[0].numpy()[...] = ct
             staged[1].numpy()[...] = mask
-            x = staged.to(self.torch_device, non_blocking=True)
-            out = dict(zip(self.outputs, self.infer_torch(x[0], x[1]), strict=True))
-            host = [
-                self._pinned.view(name, out[name].shape).copy_(out[name], non_blocking=True)
-                for name in outputs
-            ]
-            torch.cuda.current_stream(self.torch_device).synchronize()
+            try:
+                x = staged.to(self.torch_device, non_blocking=True)
+                out = dict(zip(self.outputs, self.infer_torch(x[0], x[1]), strict=True))
+                host = [
+                    self._pinned.view(name, out[name].shape).copy_(out[name], non_blocking=True)
+                    for name in outputs
+                ]
+            finally:  # after a failure too: the next call overwrites the page-locked inputs being copied
+                torch.cuda.current_stream(self.torch_device).synchronize()
             return tuple(h.numpy().copy() for h in host)
 
     def close(self) -> None:

@@ -302,13 +302,17 @@ class TensorRTBackend(Backend):
         n = max(b, self._min_batch)  # rows b..n-1 hold stale data: rows are independent in eval mode
         self._host_in["ct"][:b].numpy()[...] = ct
         self._host_in["mask"][:b].numpy()[...] = mask
-        with torch.cuda.device(self._dev), torch.cuda.stream(self._stream):
-            for name in INPUT_NAMES:
-                self._dev_in[name][:b].copy_(self._host_in[name][:b], non_blocking=True)
-            self._enqueue(n)
-            for name in outputs:
-                self._host_out[name][:b].copy_(self._dev_out[name][:b], non_blocking=True)
-        self._stream.synchronize()
+        # after the copies an earlier infer_torch queued on the caller's stream from the output buffers
+        self._stream.wait_stream(torch.cuda.current_stream(self._dev))
+        try:
+            with torch.cuda.device(self._dev), torch.cuda.stream(self._stream):
+                for name in INPUT_NAMES:
+                    self._dev_in[name][:b].copy_(self._host_in[name][:b], non_blocking=True)
+                self._enqueue(n)
+                for name in outputs:
+                    self._host_out[name][:b].copy_(self._dev_out[name][:b], non_blocking=True)
+        finally:  # after a failure too: the next call overwrites the page-locked inputs being copied
+            self._stream.synchronize()
         return tuple(self._host_out[name][:b].numpy().copy() for name in outputs)
 
     def infer_torch(self, ct: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -345,7 +349,8 @@ class TensorRTBackend(Backend):
     def close(self) -> None:
         """Free graphs, contexts, their scratch block, engine and buffers, in that order; idempotent."""
         if self._stream is not None:
-            self._stream.synchronize()  # the buffers came from torch's allocator on another stream
+            # the whole device: infer_torch's result copies read the output buffers on the caller's stream
+            torch.cuda.synchronize(self._dev)
         self._graphs.clear()
         self._graph_contexts.clear()
         self._context = None  # TensorRT objects go in reverse order of creation
