@@ -280,6 +280,9 @@ def aot_compiled(
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     path = inductor_cache_dir() / "aoti" / f"{digest.hexdigest()[:32]}.pt2"
     if not path.exists():
+        reason = aoti_toolkit_missing_reason(example[0].device.type)
+        if reason is not None:
+            raise RuntimeError(f"aoti=true cannot build its package here: {reason}")
         path.parent.mkdir(parents=True, exist_ok=True)
         batch = torch.export.Dim("batch", min=min_batch)
         wrapped = _Autocast(model, example[0].device.type, autocast)
@@ -299,6 +302,21 @@ def aot_compiled(
     return torch._inductor.aoti_load_package(
         str(path), run_single_threaded=single_threaded, device_index=-1 if index is None else index
     )
+
+
+def aoti_toolkit_missing_reason(device_type: str) -> str | None:
+    """None when AOTInductor can build a package for `device_type` here. For CUDA its C++ wrapper includes
+    the CUDA toolkit's headers, which PyTorch's pip wheels do not carry, and inductor finds them only
+    through CUDA_HOME, nvcc on PATH or /usr/local/cuda (torch.utils.cpp_extension): without one, the build
+    fails late with "CUDA_HOME environment variable is not set" (pytorch/pytorch#150442)."""
+    from torch.utils import cpp_extension
+
+    if device_type == "cuda" and cpp_extension.CUDA_HOME is None:
+        return (
+            "it compiles against the CUDA toolkit's headers and none was found (CUDA_HOME, nvcc on PATH, "
+            "/usr/local/cuda): install the toolkit or set CUDA_HOME, or drop aoti=true"
+        )
+    return None
 
 
 def memory_format(device_type: str, precision: str, channels_last: bool | None = None) -> torch.memory_format:

@@ -32,6 +32,7 @@ from m2anet.engines import BackendSpec
 from m2anet.engines.torch_backend import (
     TorchBackend,
     aot_compiled,
+    aoti_toolkit_missing_reason,
     cast_weights_once,
     channels_last,
     compiled,
@@ -394,6 +395,19 @@ def test_autocast_is_recorded_in_the_package(monkeypatch, tmp_path):
 def test_aoti_is_refused_where_one_package_cannot_serve(options):
     with pytest.raises(ValueError, match="aoti=true builds one ahead-of-time package"):
         TorchBackend("m2anet_small", **options)
+
+
+def test_aoti_on_cuda_needs_the_cuda_toolkit_and_says_so(monkeypatch):
+    """PyTorch's pip wheels carry no CUDA headers; a CUDA package's wrapper needs them (found through
+    CUDA_HOME, nvcc or /usr/local/cuda), and without them inductor fails late with a bare OSError."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    reason = aoti_toolkit_missing_reason("cuda")
+    assert reason is not None and "CUDA_HOME" in reason and "drop aoti=true" in reason
+    assert aoti_toolkit_missing_reason("cpu") is None  # the CPU wrapper needs a C++ compiler only
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    assert aoti_toolkit_missing_reason("cuda") is None
 
 
 def test_inductor_cache_dir_precedence(monkeypatch, tmp_path):
