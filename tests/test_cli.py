@@ -7,6 +7,11 @@ parser of m2anet.cli.args; none of them needs an export.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -181,6 +186,34 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys, prog, wh
     assert CLIS[prog].main([a.format(tmp=tmp_path) for a in argv]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"{prog}: interrupted (Ctrl-C); no file was left half-written"]
+
+
+LOADING = """
+import os, signal, sys
+class Interrupt:  # a real Ctrl-C while the command's dependencies load: numpy is among every command's
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, Interrupt())
+import m2anet.cli
+sys.exit(getattr(m2anet.cli, sys.argv[1])())
+"""
+
+
+def test_every_console_script_starts_at_its_launcher():
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {prog: f"m2anet.cli:{prog.replace('-', '_')}" for prog in CLIS}
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130():
+    """Half a second into m2a-predict the interrupt came during its imports: a traceback and a death by
+    SIGINT (exit -2), or "ImportError: initialization failed" inside ONNX Runtime's extension (exit 1).
+    Every console script starts at a launcher like this one (the test above)."""
+    run = subprocess.run(
+        [sys.executable, "-c", LOADING, "m2a_predict"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 130, run.stderr[-2000:]
+    assert run.stderr.splitlines() == ["m2a-predict: interrupted (Ctrl-C); no file was left half-written"]
 
 
 def test_training_threshold_rule_is_checked_before_any_work(tmp_path, monkeypatch, capsys):

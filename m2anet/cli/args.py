@@ -78,6 +78,12 @@ def output_dir(text: str) -> Path:
     return path
 
 
+def interrupted(prog: str) -> int:
+    """The one line of an interrupted `prog`, and its exit status."""
+    print(f"{prog}: interrupted (Ctrl-C); no file was left half-written", file=sys.stderr)
+    return INTERRUPTED
+
+
 def interruptible(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Ctrl-C ends `main` with one line and exit 130 instead of a traceback; whatever the command had
     finished is already on disk (every file is written atomically)."""
@@ -88,8 +94,7 @@ def interruptible(prog: str) -> Callable[[Callable[..., int]], Callable[..., int
             try:
                 return main(argv)
             except KeyboardInterrupt:
-                print(f"{prog}: interrupted (Ctrl-C); no file was left half-written", file=sys.stderr)
-                return INTERRUPTED
+                return interrupted(prog)
 
         return run
 
