@@ -190,6 +190,9 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys, prog, wh
 
 LOADING = """
 import os, signal, sys
+# as in a terminal: xdist's workers, and so their children, start with SIGINT ignored, which the
+# launcher leaves alone (a background job's Ctrl-C is not its own)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 class Interrupt:  # a real Ctrl-C while the command's dependencies load: numpy is among every command's
     def find_spec(self, name, path=None, target=None):
         if name == "numpy":
