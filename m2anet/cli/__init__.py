@@ -9,6 +9,7 @@ same one line and exit 130 as an interrupt of its `main` (`args.interruptible`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import signal
 
@@ -30,25 +31,9 @@ def _launch(command: str) -> int:
     return main()
 
 
-def m2a_train() -> int:
-    return _launch("train")
-
-
-def m2a_export() -> int:
-    return _launch("export")
-
-
-def m2a_verify() -> int:
-    return _launch("verify")
-
-
-def m2a_predict() -> int:
-    return _launch("predict")
-
-
-def m2a_triton() -> int:
-    return _launch("triton")
-
-
-def m2a_bench() -> int:
-    return _launch("bench")
+m2a_train = functools.partial(_launch, "train")
+m2a_export = functools.partial(_launch, "export")
+m2a_verify = functools.partial(_launch, "verify")
+m2a_predict = functools.partial(_launch, "predict")
+m2a_triton = functools.partial(_launch, "triton")
+m2a_bench = functools.partial(_launch, "bench")
