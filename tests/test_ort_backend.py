@@ -82,7 +82,8 @@ def test_every_option_is_a_documented_one_with_a_valid_value(tmp_path, provider)
         ):
             assert not set(options) & NEVER, (name, precision)
             if name == "CUDAExecutionProvider":
-                assert options == {"use_tf32": "0"}, precision
+                assert options == {"use_tf32": "0"}, precision  # IEEE FP32 in every graph's FP32 parts
+                assert set(options) <= set(CUDA_OPTIONS) and set(options.values()) <= {"0", "1"}
                 continue
             for key, value in options.items():
                 assert key in TRT_OPTIONS, (name, key)
