@@ -43,6 +43,21 @@ def tensorrt_missing_reason() -> str | None:
     return tensorrt.missing_reason() or cuda_missing_reason()
 
 
+def aoti_toolkit_missing_reason(device_type: str) -> str | None:
+    """None when AOTInductor can build a package for `device_type` here. For CUDA its C++ wrapper includes
+    the CUDA toolkit's headers, which PyTorch's pip wheels do not carry, and inductor finds them only
+    through CUDA_HOME, nvcc on PATH or /usr/local/cuda (torch.utils.cpp_extension): without one, the build
+    fails late with "CUDA_HOME environment variable is not set" (pytorch/pytorch#150442)."""
+    from torch.utils import cpp_extension
+
+    if device_type == "cuda" and cpp_extension.CUDA_HOME is None:
+        return (
+            "it compiles against the CUDA toolkit's headers and none was found (CUDA_HOME, nvcc on PATH, "
+            "/usr/local/cuda): install the toolkit or set CUDA_HOME, or drop aoti=true"
+        )
+    return None
+
+
 @functools.cache
 def nvml_missing_reason() -> str | None:
     """None when NVML answers (it stays initialised for the process); otherwise NVML's error."""

@@ -27,7 +27,7 @@ import torch
 
 from m2anet.contract import PATCH_SHAPE
 from m2anet.engines.base import INPUT_NAMES, Backend
-from m2anet.engines.environment import cuda_missing_reason
+from m2anet.engines.environment import aoti_toolkit_missing_reason, cuda_missing_reason
 from m2anet.engines.spec import TORCH_PRECISIONS
 from m2anet.model import Heads, create_model, fold_batchnorm
 from m2anet.optional import lazy_import
@@ -302,21 +302,6 @@ def aot_compiled(
     return torch._inductor.aoti_load_package(
         str(path), run_single_threaded=single_threaded, device_index=-1 if index is None else index
     )
-
-
-def aoti_toolkit_missing_reason(device_type: str) -> str | None:
-    """None when AOTInductor can build a package for `device_type` here. For CUDA its C++ wrapper includes
-    the CUDA toolkit's headers, which PyTorch's pip wheels do not carry, and inductor finds them only
-    through CUDA_HOME, nvcc on PATH or /usr/local/cuda (torch.utils.cpp_extension): without one, the build
-    fails late with "CUDA_HOME environment variable is not set" (pytorch/pytorch#150442)."""
-    from torch.utils import cpp_extension
-
-    if device_type == "cuda" and cpp_extension.CUDA_HOME is None:
-        return (
-            "it compiles against the CUDA toolkit's headers and none was found (CUDA_HOME, nvcc on PATH, "
-            "/usr/local/cuda): install the toolkit or set CUDA_HOME, or drop aoti=true"
-        )
-    return None
 
 
 def memory_format(device_type: str, precision: str, channels_last: bool | None = None) -> torch.memory_format:

@@ -29,10 +29,10 @@ from m2anet.cli import train as train_cli
 from m2anet.contract import PATCH_SHAPE
 from m2anet.data import Cohort, load_split
 from m2anet.engines import BackendSpec
+from m2anet.engines.environment import aoti_toolkit_missing_reason
 from m2anet.engines.torch_backend import (
     TorchBackend,
     aot_compiled,
-    aoti_toolkit_missing_reason,
     cast_weights_once,
     channels_last,
     compiled,
