@@ -333,6 +333,16 @@ _Captured = tuple[Any, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]
 """A graph, its static inputs and its static outputs."""
 
 
+def capture(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> torch.cuda.graph:
+    """Capture into `graph` on `stream` in CUDA's thread-local mode, where only this thread's unsafe calls
+    (an allocation, a synchronisation) invalidate the capture. CUDA's default, global mode also fails it
+    on another thread's: a Server-scenario client that reopens its backend after a failure captures while
+    the other clients run, and a host application may have threads of its own on the GPU. Inductor's CUDA
+    graphs capture in this mode too (pytorch/pytorch#107407). A device-wide synchronisation elsewhere
+    still breaks a capture in any mode, so nothing here synchronises the whole device."""
+    return torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
+
+
 class CudaGraphs:
     """One captured CUDA graph per batch size (torch.cuda.graphs' whole-network capture): static input
     buffers, warm-up on a side stream, capture on the same stream, then copy in, replay, copy out. A replay
@@ -371,7 +381,7 @@ class CudaGraphs:
                 self.run(*inputs)
         caller.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+        with capture(graph, stream):
             outputs = self.run(*inputs)
         caller.wait_stream(stream)
         return graph, inputs, outputs

@@ -23,6 +23,7 @@ import torch
 from m2anet.contract import PATCH_SHAPE
 from m2anet.engines.base import INPUT_NAMES, OUTPUT_NAMES, Backend
 from m2anet.engines.environment import gpu_facts, tensorrt_missing_reason
+from m2anet.engines.torch_backend import capture
 from m2anet.manifest import ArtifactError, artifact_entry
 from m2anet.optional import lazy_import
 
@@ -288,7 +289,7 @@ class TensorRTBackend(Backend):
         # setup stays out of the graph; the context's shapes never change again
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
+        with capture(graph, stream):
             if not context.execute_async_v3(stream.cuda_stream):
                 raise RuntimeError("TensorRT execute_async_v3 failed during CUDA graph capture")
         self._graph_contexts[n] = context
@@ -302,8 +303,6 @@ class TensorRTBackend(Backend):
         n = max(b, self._min_batch)  # rows b..n-1 hold stale data: rows are independent in eval mode
         self._host_in["ct"][:b].numpy()[...] = ct
         self._host_in["mask"][:b].numpy()[...] = mask
-        # after the copies an earlier infer_torch queued on the caller's stream from the output buffers
-        self._stream.wait_stream(torch.cuda.current_stream(self._dev))
         try:
             with torch.cuda.device(self._dev), torch.cuda.stream(self._stream):
                 for name in INPUT_NAMES:
@@ -342,15 +341,16 @@ class TensorRTBackend(Backend):
             caller.wait_stream(stream)
             # copied on the caller's stream, so the caching allocator ties the results to that stream
             parts.append(tuple(self._dev_out[name][:b].to(torch.float32, copy=True) for name in self.outputs))
+        # whatever runs next on the backend's stream (a call, close()) waits for these reads of its buffers
+        stream.wait_stream(caller)
         if len(parts) == 1:
             return parts[0]
         return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
     def close(self) -> None:
         """Free graphs, contexts, their scratch block, engine and buffers, in that order; idempotent."""
-        if self._stream is not None:
-            # the whole device: infer_torch's result copies read the output buffers on the caller's stream
-            torch.cuda.synchronize(self._dev)
+        if self._stream is not None:  # its work, infer_torch's result copies included (they precede it)
+            self._stream.synchronize()
         self._graphs.clear()
         self._graph_contexts.clear()
         self._context = None  # TensorRT objects go in reverse order of creation

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import sysconfig
+import threading
 import zipfile
 from pathlib import Path
 
@@ -862,6 +863,46 @@ def test_gpu_cuda_graphs_match_eager_and_outputs_belong_to_the_caller(calib):
         held = graphed.infer_torch(ct[:3], mask[:3])[0]
         graphed.infer_torch(ct[3:6], mask[3:6])  # replays the same graph with other nodes
         assert torch.equal(held, first) and len(graphed.graphs.graphs) == 2
+
+
+@needs_gpu
+def test_gpu_graphs_capture_while_another_thread_runs_its_own_backend(calib):
+    """A Server-scenario client that reopens its backend after a failure captures its graphs while the other
+    clients run: they allocate, copy and synchronise their own streams around their forwards (the forwards
+    themselves take turns, cuda_math's lock), and CUDA's default (global) capture mode counts such calls
+    from any thread against a capture."""
+    running, stop, other_errors, other_calls = threading.Event(), threading.Event(), [], [0]
+
+    def other_client() -> None:
+        try:
+            with TorchBackend("m2anet_small", device="cuda") as other:
+                while not stop.is_set():
+                    n = other_calls[0] % len(calib.ct) + 1  # each size new to it the first time
+                    other.infer(calib.ct[:n], calib.mask[:n])
+                    other_calls[0] += 1
+                    running.set()
+        except Exception as e:  # reported below: a failure here must fail the test, not vanish
+            other_errors.append(e)
+        finally:
+            running.set()
+
+    ct, mask = torch.from_numpy(calib.ct).cuda(), torch.from_numpy(calib.mask).cuda()
+    thread = threading.Thread(target=other_client)
+    with TorchBackend("m2anet_small", device="cuda", precision="fp16") as eager:
+        want = [eager.infer_torch(ct[:n], mask[:n]) for n in range(1, 7)]
+        thread.start()
+        running.wait(timeout=300)
+        try:
+            with TorchBackend("m2anet_small", device="cuda", precision="fp16", cuda_graphs=True) as graphed:
+                before = other_calls[0]
+                got = [graphed.infer_torch(ct[:n], mask[:n]) for n in range(1, 7)]  # six captures
+                during, captured = other_calls[0] - before, len(graphed.graphs.graphs)
+        finally:
+            stop.set()
+            thread.join()
+    assert not other_errors and during > 0 and captured == 6  # the other client ran meanwhile
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g[0], w[0], atol=2e-2, rtol=0)
 
 
 @needs_gpu
