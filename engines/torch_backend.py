@@ -339,7 +339,7 @@ def capture(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> torch.cud
     on another thread's: a Server-scenario client that reopens its backend after a failure captures while
     the other clients run, and a host application may have threads of its own on the GPU. Inductor's CUDA
     graphs capture in this mode too (pytorch/pytorch#107407). A device-wide synchronisation elsewhere
-    still breaks a capture in any mode, so nothing here synchronises the whole device."""
+    still breaks a capture in any mode, so no backend synchronises the whole device."""
     return torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
 
 
