@@ -685,6 +685,16 @@ def test_check_deselects_only_tests_that_exist():
         assert f"def {name}(" in (REPO / path).read_text(), node
 
 
+def _install_offline(env: dict[str, str], fallback: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(REPO / "ci" / "install-offline"), str(fallback)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_check_install_is_offline(tmp_path):
     """ci/install-offline in a fresh environment where pip has no index, no wheels and no network: it
     must install this checkout with the setuptools already there (pip's build isolation would download
@@ -716,13 +726,7 @@ def test_check_install_is_offline(tmp_path):
         "HTTPS_PROXY": dead,
     }
     env.pop("PYTHONPATH", None)
-    run = subprocess.run(
-        ["bash", str(REPO / "ci" / "install-offline"), str(tmp_path / "site")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = _install_offline(env, tmp_path / "site")
     assert run.returncode == 0 and run.stdout == "", run.stderr[-3000:]  # editable, no fallback needed
     where = subprocess.run(
         [
@@ -738,6 +742,24 @@ def test_check_install_is_offline(tmp_path):
     assert where.returncode == 0 and Path(where.stdout.strip()).parent == REPO / "m2anet", where.stderr[
         -2000:
     ]
+
+
+def test_check_install_names_a_missing_setuptools(tmp_path):
+    """A python3 without the setuptools that pyproject.toml's build needs (a bare venv has none; one older
+    than 77 fails the same way on the license expression) gets one line naming it, before pip's page of
+    errors, and nothing is installed."""
+    env_dir = tmp_path / "bare"
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    env = {**os.environ, "PATH": f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    run = _install_offline(env, tmp_path / "site")
+    assert run.returncode == 1 and run.stdout == "", run.stderr
+    assert run.stderr.splitlines() == [
+        "ci/install-offline: this python3 has setuptools none, the build needs setuptools>=77: carry a "
+        "setuptools wheel of version 77 or newer and pip install it first"
+    ]
+    assert not (tmp_path / "site").exists()
 
 
 def _bench_entry(label, precision, single, ms, pct, ratio):

@@ -23,7 +23,11 @@ from m2anet.engines.torch_backend import channels_last, compiled
 from m2anet.model import create_model
 
 LAUNCH = re.compile(r"^\s+(cpp_fused\w*\(|\w+\.run\(|extern_kernels\.\w+\()", re.M)
-CONV_OUT = re.compile(r"assert_size_stride\(\w+, \([^)]*\), \(([^)]*)\), 'torch.ops.aten.convolution")
+# torch 2.15 checks each output's dtype too (assert_tensor_metadata), earlier releases size and stride only
+CONV_OUT = re.compile(
+    r"assert_(?:size_stride|tensor_metadata)\(\w+, \([^)]*\), \(([^)]*)\), "
+    r"(?:[\w.]+, )?'torch.ops.aten.convolution"
+)
 
 
 def inspect(model_name: str, batch: int, device: str, freezing: bool) -> dict[str, object]:
