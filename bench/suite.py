@@ -26,7 +26,7 @@ from m2anet.bench.scenarios import SCENARIOS, Inputs, Settings
 from m2anet.bench.server_scenario import ServerSettings, find_max_rate, run_server
 from m2anet.engines import Backend, BackendSpec
 from m2anet.io import atomic_path, write_json
-from m2anet.manifest import MANIFEST, ArtifactError, read_manifest
+from m2anet.manifest import MANIFEST, ArtifactError, artifact_entry, read_manifest
 from m2anet.model import model_stats
 
 
@@ -96,6 +96,10 @@ def plan(options: BenchOptions) -> tuple[list[BackendSpec], Settings]:
     """The targets and settings of a run; ValueError or ArtifactError (one line each) on bad input."""
     if options.backends:
         chosen = [BackendSpec.parse(t) for t in options.backends]
+        for target in chosen:  # a typo fails now, not as a report row after the others ran
+            target.check()
+            if target.artifact is not None:
+                artifact_entry(target.artifact, verify=False)
     else:
         chosen = targets.discover(artifact_folder(options))
     settings = Settings(

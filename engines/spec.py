@@ -15,6 +15,7 @@ run an artifact folder; whoever holds the folder supplies the file (`with_artifa
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ class BackendSpec:
         base = self.spec
         if self.artifact is not None:
             prefix = self.spec[: len(self.spec) - len(str(self.target))]
-            base = prefix + f"{self.artifact.parent.name}/{self.artifact.name}"
+            base = prefix + "/".join(p for p in (self.artifact.parent.name, self.artifact.name) if p)
         opts = ",".join(f"{k}={str(v).lower()}" for k, v in self.options.items())
         return f"{base}@{opts}" if opts else base
 
@@ -129,23 +130,39 @@ class BackendSpec:
         head = "trt" if self.kind == "trt" else f"ort:{self.device}"
         return BackendSpec(f"{head}:{path}", self.options)
 
-    def open(self, **options: Any) -> Backend:
-        """The runner; `options` (model_name, heads, threads, ...) add to the spec's own."""
-        options = {**options, **self.options}
+    def _runner(self) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        """The runner class and the arguments the spec itself gives it; ValueError naming the fix for an
+        option after `@` that the runner does not take (a typo, or one the spec already sets)."""
         if self.kind in ("ort", "trt") and self.target is None:
             what = "ONNX file: use ort:cpu:FILE.onnx" if self.kind == "ort" else "engine: use trt:FILE.plan"
             raise ValueError(f"backend spec {self.spec!r} names no {what}")
         module, _, name = RUNNERS[self.kind].partition(":")
         runner = getattr(importlib.import_module(module), name)
+        args: tuple[Any, ...] = (self.target,)
+        given: dict[str, Any] = {"device": self.device} if self.kind == "ort" else {}
         if self.kind.startswith("torch"):
-            if self.kind == "torch-trt":
-                options.setdefault("tensorrt_batch", (1, 32, 128))
-            return runner(
-                device=self.device, precision=self.precision, compile=self.kind == "torch-compile", **options
-            )
-        if self.kind == "ort":
-            return runner(self.target, device=self.device, **options)
-        return runner(self.target, **options)
+            args, given = (), {"device": self.device, "precision": self.precision}
+            given["compile"] = self.kind == "torch-compile"
+        names = [n for n in list(inspect.signature(runner).parameters)[len(args) :] if n not in given]
+        for key in self.options:
+            if key not in names:
+                raise ValueError(
+                    f"backend spec {self.spec!r} has no option {key!r}: {self.kind} takes {', '.join(names)}"
+                )
+        return runner, args, given
+
+    def check(self) -> None:
+        """Bad input of the spec (a missing file name, an unknown option) as ValueError, before anything
+        opens; `open` checks the same."""
+        self._runner()
+
+    def open(self, **options: Any) -> Backend:
+        """The runner; `options` (model_name, heads, threads, ...) add to the spec's own."""
+        runner, args, given = self._runner()
+        options = {**options, **self.options}
+        if self.kind == "torch-trt":
+            options.setdefault("tensorrt_batch", (1, 32, 128))
+        return runner(*args, **given, **options)
 
 
 def open_backend(spec: str | BackendSpec, **options: Any) -> Backend:

@@ -205,7 +205,9 @@ def read_image(path: str | Path, role: str = "CT") -> sitk.Image:
     """NIfTI, NRRD, MHA/MHD or a folder holding one DICOM series (read by SimpleITK/GDCM)."""
     p = Path(path)
     if not p.exists():
-        raise StudyError(f"{role} {p} not found")
+        raise StudyError(
+            f"{role} {p} not found: check the path (a NIfTI, NRRD or MHA file, or a DICOM series folder)"
+        )
     try:
         if p.is_dir():
             series = sitk.ImageSeriesReader()

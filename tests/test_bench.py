@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from m2anet.bench import floor, layers, scenarios, suite, telemetry
+from m2anet.bench import floor, layers, scenarios, suite, targets, telemetry
 from m2anet.bench.ab import Interleaved
 from m2anet.bench.stats import percentile, summarize
 from m2anet.cli import bench as cli
@@ -329,8 +329,22 @@ def test_backend_options_and_labels():
     t = BackendSpec.parse("ort:cpu:/somewhere/m2anet_small/model.fp32.onnx")
     assert t.label == "ort:cpu:m2anet_small/model.fp32.onnx" and t.artifact.name == "model.fp32.onnx"
     assert BackendSpec.parse("trt:a/m/model.fp16.plan").label == "trt:m/model.fp16.plan"
+    assert (
+        BackendSpec.parse("ort:cpu:model.fp32.onnx").label == "ort:cpu:model.fp32.onnx"
+    )  # was ort:cpu:/model...
     with pytest.raises(ValueError, match="key=value"):
         BackendSpec.parse("torch:cpu@=1")
+
+
+def test_the_gpu_paths_name_only_options_their_runners_take():
+    """Checked here because on this machine none of them opens; a spec cannot override what it sets."""
+    for spec, options in targets.TORCH_CUDA:
+        BackendSpec(spec, dict(options)).check()
+    BackendSpec.parse("trt:model.fp16.plan@cuda_graphs=true,max_graphs=4").check()
+    with pytest.raises(ValueError, match="'torch:cpu' has no option 'device': torch takes model_name, "):
+        BackendSpec.parse("torch:cpu@device=cuda").check()
+    with pytest.raises(ValueError, match=r"no option 'cuda_graphs': ort takes threads$"):
+        BackendSpec.parse("ort:cpu:model.fp32.onnx@cuda_graphs=true").check()
 
 
 def test_an_artifact_folder_that_names_no_model_is_described_by_model(tmp_path):
@@ -424,7 +438,18 @@ def test_interleaved_run_measures_every_backend_in_slices(small, tmp_path, capsy
     says so in the report, and still names a backend that cannot open (exit 1) without losing the others."""
     onnx = small / "model.fp32.onnx"
     out = tmp_path / "report"
-    args = ["--model", "m2anet_small", "--backend", "torch:cpu", f"ort:cpu:{onnx}", "ort:cpu:missing.onnx"]
+    broken = tmp_path / "broken"  # listed in its manifest, but not the file the manifest hashed
+    broken.mkdir()
+    shutil.copy(small / "manifest.json", broken)
+    (broken / "model.fp16.onnx").write_bytes(b"not the exported graph")
+    args = [
+        "--model",
+        "m2anet_small",
+        "--backend",
+        "torch:cpu",
+        f"ort:cpu:{onnx}",
+        f"ort:cpu:{broken}/model.fp16.onnx",
+    ]
     args += ["--interleave", "--scenario", "offline", "--batches", "2", "--duration", "0.3", "--warmup", "0"]
     args += ["--layers"]
     args += [
@@ -444,7 +469,7 @@ def test_interleaved_run_measures_every_backend_in_slices(small, tmp_path, capsy
     _check_schema({**report, "backends": report["backends"][:2]})
     assert report["settings"]["interleaved"] and report["settings"]["rounds"] == 8
     torch_cpu, ort_cpu, missing = report["backends"]
-    assert missing["error"] and not missing["steps"] and "missing.onnx" in missing["error"]
+    assert missing["error"] and not missing["steps"] and "corrupted or was replaced" in missing["error"]
     for b in (torch_cpu, ort_cpu):
         (step,) = b["steps"]
         assert step["slices"] >= 2 and step["wall_s"] >= 0.3 and step["torch_peak_memory_mib"] is None
@@ -562,6 +587,17 @@ def test_compare_exit_codes(tmp_path, capsys, old, new, extra, code):
 def test_compare_missing_file_is_bad_input(tmp_path, capsys):
     assert cli.main(["--compare", str(tmp_path / "nope.json"), str(tmp_path / "nope.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scenario", ["offline", "server"])
+def test_a_named_file_that_is_not_there_stops_the_run_before_it_starts(small, tmp_path, capsys, scenario):
+    """Before, the other backends were measured first and the typo came back as a row of the report."""
+    typo = small / "model.fp23.onnx"
+    args = ["--backend", "torch:cpu", f"ort:cpu:{typo}", "--scenario", scenario, "--out", str(tmp_path / "r")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"m2a-bench: error: artifact {typo} not found: run m2a-export or check the path"], err
+    assert not (tmp_path / "r").exists()
 
 
 def _broken(report, how):

@@ -165,6 +165,23 @@ def test_torch_cuda_without_cuda_is_one_line_naming_the_fix(capsys):
     assert err[0].startswith("m2a-verify: error: cuda cannot run here") and "torch:cpu" in err[0]
 
 
+@pytest.mark.parametrize("prog", ["m2a-verify", "m2a-bench"])
+def test_a_mistyped_backend_option_is_one_line_naming_the_options(tmp_path, capsys, prog):
+    """Before, m2a-verify ended in the runner's TypeError traceback, and m2a-bench measured the other
+    backends first and then reported this one as failed."""
+    spec = "torch:cpu@chanels_last=false"
+    out = tmp_path / "out"
+    argv = (
+        [spec, "--report", str(out)]
+        if prog == "m2a-verify"
+        else ["--backend", "torch:cpu", spec, "--out", str(out)]
+    )
+    assert CLIS[prog].main([*argv, "--model", "m2anet_small"]) == 2
+    (error,) = _errors(capsys, prog)
+    assert "has no option 'chanels_last'" in error and " channels_last," in error
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("prog", "where", "argv"),
     [

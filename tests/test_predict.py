@@ -378,7 +378,7 @@ def _bad_case(case, tmp_path):
         ("outside_grid", "incompatible grid"),
         ("empty_labels", "empty"),
         ("fractional_labels", "non-integer"),
-        ("missing_file", "not found"),
+        ("missing_file", "not found: check the path"),
         ("truncated_file", "truncated"),
         ("two_dicom_series", "2 DICOM series"),
         ("only_node_at_edge", "no node could be classified"),
