@@ -143,11 +143,11 @@ class NodeClassifier:
         if spec.kind == "torch":
             weights = verified_weights(model)
             autocast = "fp16" if spec.device == "cuda" and precision == "fp16" else "fp32"
+            from_manifest = {"model_name": model["name"], "heads": model["heads"], "weights": str(weights)}
+            if clash := sorted(spec.options.keys() & from_manifest.keys()):
+                raise ValueError(f"backend option {clash[0]!r}: the manifest of {folder} sets it; drop it")
             runner = open_backend(
-                f"torch:{spec.device}:{autocast}",
-                model_name=model["name"],
-                heads=model["heads"],
-                weights=str(weights),
+                BackendSpec(f"torch:{spec.device}:{autocast}", spec.options), **from_manifest
             )
             return cls(
                 runner,

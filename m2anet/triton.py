@@ -13,6 +13,7 @@ backends do not read and `NodeClassifier` reads back to report what it ran.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from m2anet.engines.ort_backend import ORT_TRT_CACHE, trt_engine_cache_prefix, trt_profile_shapes
-from m2anet.io import atomic_path, is_plain_name
+from m2anet.io import atomic_path
 from m2anet.manifest import ArtifactError, artifact_entry, artifact_name, check_parity, read_manifest
 
 PRECISION_MODE = {"fp32": "FP32", "fp16": "FP32", "int8": "INT8"}
@@ -36,6 +37,8 @@ maps to trt_int8_enable, which a weakly typed TensorRT 10 network needs to accep
 Q/DQ; TensorRT then quantizes where they are and nowhere else. TF32 has no accelerator parameter: TensorRT
 allows it for FP32 layers unless the server runs with NVIDIA_TF32_OVERRIDE=0, so serve the plan (TF32
 cleared at build) where FP32 must be IEEE FP32 (`ort_backend.precision_run`)."""
+MODEL_NAME = re.compile(r"[A-Za-z0-9_-]+")
+"""The model's folder, its config's name and a path segment of the server's HTTP URLs."""
 WARMUP_MASK = "mask"
 """The warmup sample's mask, a file in MODEL/warmup/ (Triton's `input_data_file`)."""
 ONNX_HEADER = (
@@ -163,9 +166,9 @@ def write_repository(
     engine_cache: str | None = None,
 ) -> Path:
     """Copy one verified artifact into `out/NAME/1/`, write `out/NAME/config.pbtxt` and the warmup mask."""
-    if not is_plain_name(name):
+    if not MODEL_NAME.fullmatch(name):
         raise ValueError(
-            f"model name {name!r} is not a folder name inside the repository: use letters, digits, '-', '_'"
+            f"model name {name!r} cannot name a model folder, config and URL: use letters, digits, '-', '_'"
         )
     folder = Path(folder)
     manifest = read_manifest(folder)

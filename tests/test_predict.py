@@ -626,6 +626,17 @@ def test_unknown_precision_is_refused(small):
             NodeClassifier.from_artifacts(small, "int4", backend)
 
 
+def test_the_torch_backend_takes_the_options_of_its_spec(small):
+    """Before, the classifier rebuilt the spec without its options: a typo and a real option were both
+    dropped without a word."""
+    with NodeClassifier.from_artifacts(small, "fp32", "torch:cpu@pad_single=false") as clf:
+        assert clf.backend.pad_single is False
+    with pytest.raises(ValueError, match="has no option 'chanels_last': torch takes model_name, "):
+        NodeClassifier.from_artifacts(small, "fp32", "torch:cpu@chanels_last=false")
+    with pytest.raises(ValueError, match=r"backend option 'weights': the manifest of .* sets it; drop it"):
+        NodeClassifier.from_artifacts(small, "fp32", "torch:cpu@weights=other.safetensors")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_torch_cuda_without_cuda_is_one_line(small, tmp_path, capsys):
     ct, nodes = _small_study(tmp_path / "study")
