@@ -329,9 +329,8 @@ def test_backend_options_and_labels():
     t = BackendSpec.parse("ort:cpu:/somewhere/m2anet_small/model.fp32.onnx")
     assert t.label == "ort:cpu:m2anet_small/model.fp32.onnx" and t.artifact.name == "model.fp32.onnx"
     assert BackendSpec.parse("trt:a/m/model.fp16.plan").label == "trt:m/model.fp16.plan"
-    assert (
-        BackendSpec.parse("ort:cpu:model.fp32.onnx").label == "ort:cpu:model.fp32.onnx"
-    )  # was ort:cpu:/model...
+    # a bare file name was labelled ort:cpu:/model.fp32.onnx
+    assert BackendSpec.parse("ort:cpu:model.fp32.onnx").label == "ort:cpu:model.fp32.onnx"
     with pytest.raises(ValueError, match="key=value"):
         BackendSpec.parse("torch:cpu@=1")
 
@@ -468,8 +467,8 @@ def test_interleaved_run_measures_every_backend_in_slices(small, tmp_path, capsy
     report = json.loads((out / "bench.json").read_text())
     _check_schema({**report, "backends": report["backends"][:2]})
     assert report["settings"]["interleaved"] and report["settings"]["rounds"] == 8
-    torch_cpu, ort_cpu, missing = report["backends"]
-    assert missing["error"] and not missing["steps"] and "corrupted or was replaced" in missing["error"]
+    torch_cpu, ort_cpu, failed = report["backends"]
+    assert failed["error"] and not failed["steps"] and "corrupted or was replaced" in failed["error"]
     for b in (torch_cpu, ort_cpu):
         (step,) = b["steps"]
         assert step["slices"] >= 2 and step["wall_s"] >= 0.3 and step["torch_peak_memory_mib"] is None
@@ -477,11 +476,11 @@ def test_interleaved_run_measures_every_backend_in_slices(small, tmp_path, capsy
     md = (out / "bench.md").read_text()
     assert "measured interleaved" in md and md in capsys.readouterr().out
     assert (out / "throughput.png").is_file()
-    _check_layers(torch_cpu, ort_cpu, missing, (out / "layers.md").read_text())
+    _check_layers(torch_cpu, ort_cpu, failed, (out / "layers.md").read_text())
     assert (out / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _check_layers(profiled, other, missing, md):
+def _check_layers(profiled, other, failed, md):
     """--layers: every convolution of the model found, each with its time and floor, and the FLOPs of all
     of them those of torch's counter for the whole network (convolutions are nearly all of it); the same
     rows from ONNX Runtime's profile of the exported graph."""
@@ -495,7 +494,7 @@ def _check_layers(profiled, other, missing, md):
     assert sum(r["ms"] for r in rows) + table["rest_ms"] == pytest.approx(table["total_ms"])
     flops = model_stats("m2anet_small")["flops_per_node"] * table["batch"]
     assert 0.99 * flops <= sum(r["gflop"] for r in rows) * 1e9 <= flops
-    assert "layers" not in missing and "layers_error" not in missing
+    assert "layers" not in failed and "layers_error" not in failed
     (table,) = other["layers"]  # ONNX Runtime's own per-node profile, the same rows
     assert [r["layers"] for r in table["rows"]] == [r["layers"] for r in rows]
     assert all(r["ms"] > 0 for r in table["rows"]) and table["unmatched_conv_ms"] == 0, table
