@@ -73,6 +73,11 @@ class BenchRun:
 
 def artifact_folder(options: BenchOptions) -> Path:
     folder = options.folder
+    if not (folder / MANIFEST).is_file() and (options.artifacts / MANIFEST).is_file():
+        raise ArtifactError(  # the model folder, as m2a-predict and m2a-triton take it
+            f"{options.artifacts} is one model's folder (it holds {MANIFEST}): m2a-bench takes the folder "
+            f"above it, --artifacts {options.artifacts.parent} --model {options.artifacts.name}"
+        )
     if not (folder / MANIFEST).is_file():
         threads = f" --threads {options.threads}" if options.threads else ""
         raise ArtifactError(

@@ -23,7 +23,7 @@ import numpy as np
 from m2anet.contract import HU_WINDOW
 from m2anet.engines import Backend, BackendSpec, InputError, check_inputs, open_backend
 from m2anet.engines.choice import fastest_artifact_spec
-from m2anet.engines.environment import cuda_missing_reason
+from m2anet.engines.environment import cuda_missing_reason, tensorrt_missing_reason
 from m2anet.io import sha256_file
 from m2anet.manifest import (
     PRECISIONS,
@@ -119,6 +119,7 @@ class NodeClassifier:
         if spec is not None and spec.kind not in ("torch", "ort", "trt"):
             raise ValueError(f"unknown backend {backend!r}: use one of {BACKEND_HELP}")
         if spec is not None and spec.artifact is not None:
+            artifact_entry(spec.artifact, verify=False)  # a folder or a typo named as such, not as its parent
             folder = spec.artifact.parent
         if folder is None:
             raise ValueError("give the artifact folder written by m2a-export (or a backend naming a file)")
@@ -163,6 +164,10 @@ class NodeClassifier:
             )
         path = spec.artifact
         assert path is not None
+        if spec.kind == "trt" and not path.exists() and (reason := tensorrt_missing_reason()):
+            raise ArtifactError(  # m2a-export skipped the plan for this reason: exporting again cannot help
+                f"{path} not found, and no plan can be built or run here: {reason}; use ort:cpu"
+            )
         entry = artifact_entry(path, verify=False)  # the backend verifies the hash as it opens the file
         check_parity(path.name, entry, allow_parity_fail)
         runner = open_backend(spec)

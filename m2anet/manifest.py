@@ -160,9 +160,14 @@ def _check_names(path: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The folder's manifest, refused (ArtifactError, one line) unless its seal, signature where one
     is required, schema and artifact names hold."""
-    path = Path(folder) / MANIFEST
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if folder.is_file():
+        raise ArtifactError(f"{folder} is a file: give the m2a-export folder that holds it ({folder.parent})")
     if not path.is_file():
-        raise ArtifactError(f"{path} not found: run m2a-export for this folder first")
+        below = sorted(str(m.parent) for m in folder.glob(f"*/{MANIFEST}")) if folder.is_dir() else []
+        fix = f"pass {' or '.join(below)}" if below else "run m2a-export for this folder first"
+        raise ArtifactError(f"{path} not found: {fix}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -204,6 +209,9 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any], sign: str | Pat
 def artifact_entry(path: str | Path, verify: bool = True) -> dict[str, Any]:
     """The manifest entry of an artifact; with `verify`, its sha256 must match the file."""
     path = Path(path)
+    if path.is_dir():
+        models = ", ".join(sorted(f.name for f in path.iterdir() if f.suffix in (".onnx", ".plan"))) or "none"
+        raise ArtifactError(f"artifact {path} is a folder: name one of its model files (here: {models})")
     if not path.is_file():
         raise ArtifactError(f"artifact {path} not found: run m2a-export or check the path")
     entry = read_manifest(path.parent).get("artifacts", {}).get(path.name)

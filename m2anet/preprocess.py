@@ -21,8 +21,9 @@ patches exactly as `m2anet.data` does for training, in the patient frame:
 
 ITK's NIfTI reader replaces NaN voxels by 0 as it reads, and turns a NaN voxel size into an SVD
 dump on stderr: NIfTI files are checked on their raw header and data (nibabel) before ITK reads
-them. Every CT must also look like a chest CT in Hounsfield units: not constant, within the HU
-scale, and with air in it (lungs, airways); anything else is refused with the conversion to make.
+them. Every CT must also look like a chest CT in Hounsfield units and millimetres: not constant,
+within the HU scale, with air in it (lungs, airways), and voxels a CT's size; anything else is refused
+with the conversion to make.
 
 SimpleITK is imported on first use, so the patch measurements (`short_axis_mm`, used in training)
 work where it is not installed.
@@ -58,6 +59,10 @@ MIN_AIR_FRACTION = 1e-3
 HU_LIMITS = (-35000.0, 35000.0)
 """Nothing in Hounsfield units lies outside: vacuum is -1000, the extended scale for metal ends near
 +31000 and the lowest padding sentinel is the int16 minimum with the usual -1024 intercept."""
+CT_VOXEL_MM = (0.05, 20.0)
+"""A clinical CT's voxels measure 0.1 to 1.5 mm in-plane (0.05 with a 1024 matrix on a small field of
+view) and 0.25 to 10 mm between slices. A header written in metres or micrometres falls outside, and
+would otherwise shrink or swell every node a thousandfold: all read 0.0 mm and "benign"."""
 LATTICE_SPACING = PATCH_SPACING_MM[::-1]
 """(x, y, z) mm: ITK order of the patch spacing."""
 PATCH_SIZE = PATCH_SHAPE[::-1]
@@ -348,6 +353,13 @@ def _check_ct(ct: sitk.Image) -> None:
         if bad:
             raise StudyError(f"CT has {bad} NaN or infinite voxels: fix its reconstruction or conversion")
     _check_geometry(ct, "CT")
+    lo, hi = CT_VOXEL_MM
+    if not all(lo <= s <= hi for s in ct.GetSpacing()):
+        size = " x ".join(f"{s:g}" for s in ct.GetSpacing())
+        raise StudyError(
+            f"CT voxel size {size} mm (x, y, z) is outside any CT's ({lo:g} to {hi:g} mm): if its header "
+            "is in metres or micrometres, rewrite it in millimetres from the source series"
+        )
     _check_hounsfield(array)
 
 
@@ -405,14 +417,14 @@ def _labels_on_ct_grid(labels: sitk.Image, ct: sitk.Image) -> np.ndarray:
     if labels.GetSize() == ct.GetSize():
         raise StudyError(
             "node label map on an incompatible grid: it has the CT's size but another spacing, "
-            "origin or direction (was its header lost in a conversion?)"
+            "origin or direction (was its header lost in a conversion?): save it with the CT's header"
         )
     corners = np.array([ct.TransformPhysicalPointToContinuousIndex(p.tolist()) for p in _corners(labels)])
     size = np.array(ct.GetSize())
     if (corners < -1.0).any() or (corners > size).any():  # half a CT voxel of slack beyond its edge
         raise StudyError(
             "node label map on an incompatible grid: it reaches outside the CT volume, so it was "
-            "not drawn on this CT"
+            "not drawn on this CT: pass the label map made on this series"
         )
     labels = sitk.Resample(labels, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt32)
     return sitk.GetArrayFromImage(labels)

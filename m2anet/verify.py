@@ -36,8 +36,10 @@ class VerifyOptions:
 
     backend: str
     reference: str = "torch:cpu"
-    model: str = "m2anet_base"
-    heads: str = "both"
+    model: str | None = None
+    """For torch specs (default m2anet_base); an artifact or server knows its own and refuses another."""
+    heads: str | None = None
+    """For torch specs (default both); as `model` otherwise."""
     split: str = "test"
     n: int | None = None
     tier: str = "auto"
@@ -91,15 +93,22 @@ def verify(options: VerifyOptions) -> Verification:
     with `diagnose`, a failing INT8 graph also gets the layers to keep in FP32."""
     spec = BackendSpec.parse(options.backend)
     with contextlib.ExitStack() as stack:
+        model_name, heads = options.model or "m2anet_base", options.heads or "both"
         if spec.kind.startswith("torch"):
             ctx: dict[str, Any] = {}
-            cand = stack.enter_context(open_backend(spec, model_name=options.model, heads=options.heads))
+            cand = stack.enter_context(open_backend(spec, model_name=model_name, heads=heads))
         else:  # artifacts and servers know their model
             ctx = artifact_context(spec)
             cand = stack.enter_context(open_backend(spec))
             ctx = ctx or served_context(cand)
-        model_name = ctx.get("model_name", options.model)
-        heads = ctx.get("heads", options.heads)
+            asked = {"model": ("model_name", options.model), "heads": ("heads", options.heads)}
+            for flag, (key, value) in asked.items():
+                if value is not None and ctx.get(key, value) != value:
+                    raise ValueError(
+                        f"--{flag} {value} does not match {spec.label}, which holds {ctx[key]}: "
+                        f"drop --{flag} (an artifact or a served model knows its own)"
+                    )
+            model_name, heads = ctx.get("model_name", model_name), ctx.get("heads", heads)
         threshold = options.threshold or ctx.get("threshold") or training_record(model_name)["threshold"]
         model_opts = {"model_name": model_name, "heads": heads, "weights": ctx.get("weights")}
         reference = stack.enter_context(open_backend(options.reference, **model_opts))

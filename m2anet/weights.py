@@ -89,24 +89,30 @@ def load_weights(model: torch.nn.Module, name_or_path: str | Path) -> Path:
         if key in unfitted:
             continue
         if key not in state:
-            raise WeightsError(
-                f"{path}: missing key {key!r} (shape {tuple(value.shape)}): "
-                "the checkpoint was made for another config"
-            )
+            raise _other_config(path, f"missing key {key!r} (shape {tuple(value.shape)})")
         if tuple(state[key].shape) != tuple(value.shape):
-            raise WeightsError(
-                f"{path}: {key!r} has shape {tuple(state[key].shape)}, the config expects "
-                f"{tuple(value.shape)}: the checkpoint was made for another config"
+            raise _other_config(
+                path, f"{key!r} has shape {tuple(state[key].shape)}, the config expects {tuple(value.shape)}"
             )
     unexpected = [k for k in state if k not in expected and not _decoder_key(k, model)]
     if unexpected:
-        raise WeightsError(
-            f"{path}: unexpected key {unexpected[0]!r}: the checkpoint was made for another config"
-        )
+        raise _other_config(path, f"unexpected key {unexpected[0]!r}")
     if unfitted:
         model.reset_outline()  # type: ignore[operator]  # only M2ANet has these keys
     model.load_state_dict({k: state.get(k, v) for k, v in expected.items()})
     return path
+
+
+def _other_config(path: Path, mismatch: str) -> WeightsError:
+    """The mismatch, and the model to load the checkpoint into where m2a-train recorded it."""
+    made_for = None
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            made_for = (f.metadata() or {}).get("model")
+    fix = f" ({made_for}, by its metadata: pass --model {made_for})" if made_for else ""
+    return WeightsError(f"{path}: {mismatch}: the checkpoint was made for another config{fix}")
 
 
 def _decoder_key(key: str, model: torch.nn.Module) -> bool:

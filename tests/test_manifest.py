@@ -193,6 +193,24 @@ def test_triton_model_names_stay_inside_the_repository(small, tmp_path, capsys):
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
 
+def test_a_folder_one_level_off_is_one_line_naming_the_right_one(small, tmp_path, capsys):
+    """Before: '.../model.fp16.onnx/manifest.json not found: run m2a-export', for a folder exported
+    already; and m2a-bench, whose --artifacts is the folder above, asked to export into the model's."""
+    model_file, root = small / "model.fp16.onnx", small.parent
+    for folder, message in (
+        (model_file, f"{model_file} is a file: give the m2a-export folder that holds it ({small})"),
+        (root, f"{root / MANIFEST} not found: pass {small}"),
+    ):
+        assert triton_cli.main([str(folder), "--out", str(tmp_path / "repo")]) == 2
+        assert _one_line_error(capsys, "m2a-triton") == f"m2a-triton: error: {message}"
+    assert bench_cli.main(["--artifacts", str(small), "--out", str(tmp_path / "b")]) == 2
+    assert _one_line_error(capsys, "m2a-bench") == (
+        f"m2a-bench: error: {small} is one model's folder (it holds {MANIFEST}): m2a-bench takes the "
+        f"folder above it, --artifacts {root} --model {small.name}"
+    )
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "b").exists()
+
+
 def test_select_re_signs_or_refuses_to_drop_the_signature(folder, keys, monkeypatch):
     (site, site_pub), _ = keys
     write_manifest(folder, read_manifest(folder), sign=site)

@@ -21,6 +21,7 @@ from m2anet.cli import predict
 from m2anet.contract import PATCH_SHAPE, PATCH_SPACING_MM
 from m2anet.data import make_study, resample_study
 from m2anet.engines import InputError
+from m2anet.engines.environment import tensorrt_missing_reason
 from m2anet.io import COMMIT_JOURNAL, finish_commit, sha256_file
 from m2anet.manifest import ArtifactError, read_manifest, write_manifest
 from m2anet.node_report import StudyReport, write_outputs
@@ -337,6 +338,11 @@ def _bad_case(case, tmp_path):
         return ct, nodes
     if case == "shifted_grid":
         return _small_study(folder, origin=(4.0, 0.0, 0.0))
+    if case == "voxel_size_in_metres":  # every node was classified at 0.0 mm and 0 mm3, "benign"
+        metres = (0.0008, 0.0008, 0.003)
+        ct, nodes = _small_study(folder, spacing=metres)
+        sitk.WriteImage(to_image(_small_hu(), metres), str(ct))
+        return ct, nodes
     if case == "outside_grid":
         return _small_study(folder, labels=labels[:, :48, :48], origin=(0.0, 60.0, 0.0))
     if case == "empty_labels":
@@ -375,6 +381,7 @@ def _bad_case(case, tmp_path):
         ("constant_ct", "CT is constant"),
         ("complex_ct", "CT has complex voxels"),
         ("shifted_grid", "incompatible grid"),
+        ("voxel_size_in_metres", "CT voxel size 0.0008 x 0.0008 x 0.003 mm (x, y, z) is outside"),
         ("outside_grid", "incompatible grid"),
         ("empty_labels", "empty"),
         ("fractional_labels", "non-integer"),
@@ -416,6 +423,7 @@ def test_numpy_volumes_of_the_wrong_kind_fail_in_one_line(classifier, study, cap
         (hu > 0, geometry, "CT has no air"),
         (hu, {"spacing": (float("nan"), 0.8, 3.0)}, "bad geometry"),
         (hu, {"spacing": (0.8, 0.8, 0.0)}, "bad geometry"),
+        (hu, {"spacing": (800.0, 800.0, 3000.0)}, "voxel size 800 x 800 x 3000 mm"),  # micrometres
     ]
     for volume, kwargs, message in cases:
         with pytest.raises(StudyError, match=message) as caught:
@@ -524,6 +532,20 @@ def test_artifacts_are_checked_before_use(small, tmp_path):
         f.write(b"\0" * 8)
     with pytest.raises(ArtifactError, match="corrupted or was replaced"):
         NodeClassifier.from_artifacts(folder, "fp32")
+    # a folder named as the file: before, the manifest of the folder above it was 'not found'
+    with pytest.raises(ArtifactError, match=r"copy is a folder: name one of its model files \(here: model"):
+        NodeClassifier.from_artifacts(None, "fp32", f"ort:cpu:{folder}")
+
+
+@pytest.mark.skipif(
+    tensorrt_missing_reason() is None, reason="TensorRT runs here: the export would have a plan"
+)
+def test_a_plan_asked_for_where_tensorrt_cannot_run_names_why(small):
+    """Before: 'model.fp32.plan not found: run m2a-export', which skips plans here for the same reason."""
+    with pytest.raises(
+        ArtifactError, match=r"model\.fp32\.plan not found, and no plan can be built or run here: "
+    ):
+        NodeClassifier.from_artifacts(small, "fp32", "trt")
 
 
 def test_best_available_backend_is_picked_and_reported(small):

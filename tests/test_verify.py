@@ -79,6 +79,28 @@ def test_bad_spec_is_a_one_line_error(capsys):
     assert len(err) == 1 and err[0].startswith("m2a-verify: error:")
 
 
+def test_an_artifact_folder_for_a_file_is_one_line_listing_its_models(small, capsys):
+    """Before, the folder was 'not found', though it was there."""
+    assert verify.main([f"ort:cpu:{small}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"m2a-verify: error: artifact {small} is a folder: name one of its model files (here: "
+        "model.fp16.onnx, model.fp32.onnx, model.int8.onnx)"
+    ], err
+
+
+def test_a_model_or_heads_other_than_the_artifacts_is_refused(small, capsys):
+    """Before, --model and --heads were dropped for an artifact, which verified its own model instead."""
+    artifact = f"ort:cpu:{small / 'model.fp16.onnx'}"
+    for flag, value, held in (("--model", "m2anet_base", "m2anet_small"), ("--heads", "cls", "both")):
+        assert verify.main([artifact, flag, value, "--n", "2", "--no-stress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"error: {flag} {value} does not match" in err[0], err
+        assert f"which holds {held}: drop {flag}" in err[0]
+    code, _ = _run(capsys, artifact, "--model", "m2anet_small", "--heads", "both", "--no-stress")
+    assert code == 0
+
+
 def test_diagnose_finds_layers_to_keep_in_fp32(refused_int8, monkeypatch, capsys, tmp_path):
     folder = refused_int8["folder"]  # calibrated on 8 nodes: each re-quantization is cheap
     monkeypatch.setitem(TIERS, "int8", Tier("int8", met_logit_abs=1e-4))  # the int8 graph fails this

@@ -45,7 +45,10 @@ def test_mismatch_names_the_first_bad_key(tmp_path):
     save_file(missing, str(tmp_path / "missing.safetensors"))
     with pytest.raises(WeightsError, match=r"missing key 'head\.3\.bias'"):
         create_model("m2anet_small", weights=str(tmp_path / "missing.safetensors"))
-    with pytest.raises(WeightsError, match="another config"):  # base weights into small
+    # base weights into small: m2a-train recorded the model they fit in the safetensors metadata
+    with pytest.raises(
+        WeightsError, match=r"another config \(m2anet_base, by its metadata: pass --model m2anet_base\)$"
+    ):
         load_weights(create_model("m2anet_small"), "m2anet_base")
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="not a valid safetensors file"):

@@ -30,8 +30,10 @@ def parser() -> argparse.ArgumentParser:
     ap = make_parser("m2a-verify", __doc__)
     ap.add_argument("backend", metavar="BACKEND_SPEC", help=SPEC_HELP)
     ap.add_argument("--reference", default="torch:cpu")
-    ap.add_argument("--model", default="m2anet_base", choices=list_models(), help="for torch specs")
-    ap.add_argument("--heads", default="both", choices=["both", "cls"], help="for torch specs")
+    ap.add_argument(
+        "--model", choices=list_models(), help="for torch specs (default m2anet_base); artifacts know theirs"
+    )
+    ap.add_argument("--heads", choices=["both", "cls"], help="for torch specs (default both)")
     ap.add_argument("--split", default="test", choices=list(SPLITS))
     ap.add_argument(
         "--n",
