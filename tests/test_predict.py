@@ -558,7 +558,7 @@ def test_best_available_backend_is_picked_and_reported(small):
     assert info["artifact"].endswith(artifact)
 
 
-def test_without_an_onnx_of_that_precision_the_weights_run_on_pytorch(small, tmp_path):
+def test_without_an_onnx_of_that_precision_the_weights_run_on_pytorch(small, tmp_path, capsys):
     manifest = read_manifest(small)
     write_manifest(tmp_path, manifest)  # the manifest alone: it names the weights and their hash
     with (
@@ -566,6 +566,13 @@ def test_without_an_onnx_of_that_precision_the_weights_run_on_pytorch(small, tmp
         NodeClassifier.from_artifacts(tmp_path, "fp16") as clf,
     ):
         assert clf.info["backend"] == "torch" and clf.info["sha256"] == manifest["model"]["weights_sha256"]
+    # m2a-predict says so in one line, as it gives the report's warnings (it printed Python's two)
+    ct, nodes = _small_study(tmp_path / "study")
+    code, err = _run(capsys, tmp_path, ct, nodes, tmp_path / "out")
+    assert code == 0 and [line for line in err if "warning" in line or "UserWarning" in line] == [
+        f"m2a-predict: warning: {tmp_path} has no model.fp32.onnx: running the exported weights on torch:cpu "
+        "(export fp32 for speed)"
+    ], err
 
 
 # ---------------------------------------------------------------- bounded memory, batches

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from tqdm import tqdm
@@ -42,14 +43,18 @@ def open_classifier(args: argparse.Namespace) -> NodeClassifier:
         )
         return NodeClassifier.from_weights("m2anet_small", threshold=args.threshold, max_batch=args.max_batch)
     triton = args.backend is not None and args.backend.startswith("triton:")
-    return NodeClassifier.from_artifacts(
-        args.artifacts if args.artifacts is not None or triton else default,
-        args.precision,
-        args.backend,
-        allow_parity_fail=args.allow_parity_fail,
-        threshold=args.threshold,
-        max_batch=args.max_batch,
-    )
+    with warnings.catch_warnings(record=True) as caught:  # one line each, as the report's warnings
+        classifier = NodeClassifier.from_artifacts(
+            args.artifacts if args.artifacts is not None or triton else default,
+            args.precision,
+            args.backend,
+            allow_parity_fail=args.allow_parity_fail,
+            threshold=args.threshold,
+            max_batch=args.max_batch,
+        )
+    for caught_warning in caught:
+        print(f"m2a-predict: warning: {caught_warning.message}", file=sys.stderr)
+    return classifier
 
 
 def parser() -> argparse.ArgumentParser:
