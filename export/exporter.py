@@ -36,7 +36,7 @@ from m2anet.engines.torch_backend import TorchBackend
 from m2anet.engines.trt_backend import TensorRTBackend
 from m2anet.export.fp16 import convert_fp16
 from m2anet.export.int8 import PLACEMENTS, Calibration, Target, calibration_search, quantize_int8
-from m2anet.export.onnx_export import ExportError, export_fp32, io_signature, max_abs_diff
+from m2anet.export.onnx_export import ExportError, check_node_names, export_fp32, io_signature, max_abs_diff
 from m2anet.export.tensorrt_build import build_engine
 from m2anet.io import sha256_file
 from m2anet.manifest import (
@@ -284,10 +284,14 @@ class Exporter:
     def onnx_artifact(self, precision: str) -> dict:
         name = artifact_name(precision, "onnx")
         recipe: dict[str, Any] = {"weights_sha256": self.weights_sha, "heads": self.args.heads}
+        a, source = self.args, self.folder / "model.fp32.onnx"
         if precision != "fp32":
-            recipe["source_sha256"] = self.artifacts["model.fp32.onnx"]["sha256"]
+            recipe["source_sha256"] = self.artifacts[source.name]["sha256"]
+        if precision == "fp16":
+            check_node_names(source, a.fp16_keep, "--fp16-keep")
+            recipe["keep_fp32"] = sorted(set(a.fp16_keep))  # a graph built without them is not reused
         if precision == "int8":
-            a = self.args
+            check_node_names(source, a.int8_exclude, "--int8-exclude")
             recipe["calibration"] = {
                 "method": a.calib_method, "size": a.calib_size, "target": a.int8_target,
                 "exclude": list(a.int8_exclude), "placements": [PLACEMENTS[True], PLACEMENTS[False]],

@@ -73,6 +73,21 @@ def check_graph(proto: onnx.ModelProto) -> None:
         raise ExportError(f"BatchNormalization {left[0]} was not folded into its Conv")
 
 
+def check_node_names(path: str | Path, names: list[str], flag: str) -> None:
+    """ValueError naming the first of `names` that no node of the graph at `path` has: a typo would keep
+    nothing in FP32 and still export."""
+    if not names:
+        return
+    nodes = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
+    unknown = [name for name in names if name not in set(nodes)]
+    if unknown:
+        raise ValueError(
+            f"{flag} {unknown[0]!r}: {Path(path).name} has no node of that name (its {len(nodes)} are named "
+            f"like {nodes[0]!r}): copy the names from it (a graph viewer such as Netron shows them; "
+            "m2a-verify --diagnose prints the INT8 ones to keep)"
+        )
+
+
 def max_abs_diff(model: M2ANet, onnx_path: str | Path, batches: tuple[int, ...] = (1, 7)) -> dict[str, float]:
     """Largest |PyTorch - ONNX Runtime CPU| per output over real patches at each batch size."""
     import onnxruntime as ort

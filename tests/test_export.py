@@ -398,6 +398,29 @@ def test_exporting_one_precision_keeps_the_other_entries(small, tmp_path, capsys
     assert set(read_manifest(folder)["artifacts"]) == {"model.fp32.onnx", "model.fp16.onnx"}
 
 
+def test_fp16_keep_rebuilds_the_graph_and_a_misnamed_node_is_refused(small, tmp_path, capsys):
+    """Before, --fp16-keep on a folder with an FP16 graph reused it ('hash, recipe and parity match'),
+    and a misspelt node name exported with nothing kept."""
+    folder = tmp_path / "m2anet_small"
+    shutil.copytree(small, folder)
+    first_conv = next(n for n in onnx.load(str(folder / "model.fp32.onnx")).graph.node if n.op_type == "Conv")
+    before = read_manifest(folder)["artifacts"]
+    for flag in ("--fp16-keep", "--int8-exclude"):
+        assert _rerun(folder, "--precision", "all", flag, first_conv.name + "x") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{flag} '{first_conv.name}x': model.fp32.onnx has no node" in err[0], err
+    assert read_manifest(folder)["artifacts"] == before
+    assert _rerun(folder, "--precision", "fp16", "--fp16-keep", first_conv.name) == 0
+    entry = read_manifest(folder)["artifacts"]["model.fp16.onnx"]
+    assert (
+        entry["recipe"]["keep_fp32"] == [first_conv.name]
+        and entry["sha256"] != before["model.fp16.onnx"]["sha256"]
+    )
+    graph = onnx.load(str(folder / "model.fp16.onnx")).graph
+    kept = next(n for n in graph.node if n.name == first_conv.name)
+    assert kept.input[1] not in {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+
+
 def test_sign_writes_a_signature_the_trusted_key_accepts(small, tmp_path, monkeypatch, capsys, keys):
     from m2anet.manifest import TRUSTED_KEY_ENV
 
