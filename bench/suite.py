@@ -105,6 +105,9 @@ def plan(options: BenchOptions) -> tuple[list[BackendSpec], Settings]:
             target.check()
             if target.artifact is not None:
                 artifact_entry(target.artifact, verify=False)
+        labels = [target.label for target in chosen]
+        if twice := next((label for label in labels if labels.count(label) > 1), None):
+            raise ValueError(f"backend {twice} is named twice: its rows would not be told apart; drop one")
     else:
         chosen = targets.discover(artifact_folder(options))
     settings = Settings(

@@ -599,6 +599,17 @@ def test_a_named_file_that_is_not_there_stops_the_run_before_it_starts(small, tm
     assert not (tmp_path / "r").exists()
 
 
+def test_a_backend_named_twice_is_refused_before_the_run(tmp_path, capsys):
+    """Before, both ran and the report held two rows of the same label (--compare keys rows by it)."""
+    args = ["--backend", "torch:cpu", "torch:cpu", "--model", "m2anet_small", "--out", str(tmp_path / "r")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "m2a-bench: error: backend torch:cpu is named twice: its rows would not be told apart; drop one"
+    ]
+    assert not (tmp_path / "r").exists()
+
+
 def _broken(report, how):
     step = report["backends"][0]["steps"][0]
     if how == "KeyError":
