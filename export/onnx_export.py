@@ -79,7 +79,8 @@ def check_node_names(path: str | Path, names: list[str], flag: str) -> None:
     if not names:
         return
     nodes = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
-    unknown = [name for name in names if name not in set(nodes)]
+    known = set(nodes)
+    unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(
             f"{flag} {unknown[0]!r}: {Path(path).name} has no node of that name (its {len(nodes)} are named "
