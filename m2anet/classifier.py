@@ -10,6 +10,7 @@ thread (one execution context each) or serve the model from Triton.
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 import warnings
@@ -65,6 +66,19 @@ class PatchPredictions:
     seg: np.ndarray | None  # (N, 16, 64, 64) float32 node-mask probability; None: no seg head, or seg=False
 
 
+def _check_options(threshold: float | None, max_batch: int | None) -> None:
+    """Checked before any backend opens: a threshold outside (0, 1) calls every node one class, NaN none
+    metastatic (m2a-predict's parser refuses them; the API took them)."""
+    if threshold is not None and (
+        not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or not 0 < threshold < 1
+    ):
+        raise ValueError(f"threshold must be a number between 0 and 1 (exclusive), got {threshold!r}")
+    if max_batch is not None and (
+        not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1
+    ):
+        raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+
+
 class NodeClassifier:
     """Per-node metastasis probability for a CT study and its node label map, on any backend."""
 
@@ -80,10 +94,7 @@ class NodeClassifier:
     ) -> None:
         """`max_batch`: nodes per inference call, which bounds memory whatever the study's size
         (default: CPU_BATCH on the CPU, GPU_BATCH elsewhere)."""
-        if max_batch is not None and (
-            not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1
-        ):
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        _check_options(threshold, max_batch)
         self.backend = backend
         self.max_batch = int(max_batch or (CPU_BATCH if backend.device == "cpu" else GPU_BATCH))
         self.threshold = float(threshold)
@@ -113,6 +124,7 @@ class NodeClassifier:
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        _check_options(threshold, max_batch)
         spec = None if backend is None else BackendSpec.parse(backend)
         if spec is not None and spec.kind == "triton":
             return cls._from_triton(str(spec.target), folder, precision, threshold, max_batch)
@@ -229,6 +241,7 @@ class NodeClassifier:
         max_batch: int | None = None,
     ) -> NodeClassifier:
         """The shipped PyTorch weights, no export needed: the reference, and the demo's fallback."""
+        _check_options(threshold, max_batch)
         runner = open_backend(f"torch:{device}", model_name=model)
         weights = shipped_weights(model)
         threshold = float(training_record(model)["threshold"]) if threshold is None else threshold

@@ -548,6 +548,18 @@ def test_a_plan_asked_for_where_tensorrt_cannot_run_names_why(small):
         NodeClassifier.from_artifacts(small, "fp32", "trt")
 
 
+def test_the_api_refuses_the_thresholds_and_batches_the_cli_refuses(small):
+    """Before, from_artifacts took threshold=5 (every node benign) and NaN, and ran max_batch=0 as 8."""
+    for options in ({"threshold": 5.0}, {"threshold": float("nan")}, {"threshold": 0}, {"max_batch": 0}):
+        name = next(iter(options))
+        with pytest.raises(ValueError, match=f"^{name} must be a"):
+            NodeClassifier.from_artifacts(small, "fp32", **options)
+    with pytest.raises(ValueError, match=r"^threshold must be a number between 0 and 1"):
+        NodeClassifier.from_weights("m2anet_small", threshold=1.0)
+    with NodeClassifier.from_artifacts(small, "fp32", threshold=np.float32(0.25), max_batch=1) as clf:
+        assert clf.threshold == 0.25 and clf.max_batch == 1
+
+
 def test_best_available_backend_is_picked_and_reported(small):
     with NodeClassifier.from_artifacts(small, "fp16") as clf:
         info = clf.info
