@@ -339,7 +339,11 @@ def capture(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> torch.cud
     on another thread's: a Server-scenario client that reopens its backend after a failure captures while
     the other clients run, and a host application may have threads of its own on the GPU. Inductor's CUDA
     graphs capture in this mode too (pytorch/pytorch#107407). A device-wide synchronisation elsewhere
-    still breaks a capture in any mode, so no backend synchronises the whole device."""
+    still breaks a capture in any mode, so no backend synchronises the whole device, and cuDNN's benchmark
+    of a shape new to it does so (H200, 2026-11-29: another thread's backend meeting a new batch size
+    failed both its call and the capture, "operation not permitted when stream is capturing"; at sizes it
+    had met, or with cudnn_benchmark=False, 12 of its calls ran during the six captures): so a capture
+    holds the lock that m2anet's forwards take (`cuda_math`), and no forward of theirs runs meanwhile."""
     return torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
 
 
@@ -381,7 +385,7 @@ class CudaGraphs:
                 self.run(*inputs)
         caller.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with capture(graph, stream):
+        with _FLAGS_LOCK, capture(graph, stream):  # no other m2anet forward while this captures (`capture`)
             outputs = self.run(*inputs)
         caller.wait_stream(stream)
         return graph, inputs, outputs

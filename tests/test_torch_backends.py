@@ -888,15 +888,18 @@ def test_gpu_half_precision_runs_channels_last(calib, precision):
 
 @needs_gpu
 def test_gpu_cuda_graphs_match_eager_and_outputs_belong_to_the_caller(calib):
+    """Against eager with BatchNorm folded, as the graphs fold it in half precision: on an H200 the two
+    agreed exactly, and the unfolded eager FP16 was 0.047 away on the mask logit (m2a-verify judges the
+    folding, against FP32)."""
     ct, mask = torch.from_numpy(calib.ct).cuda(), torch.from_numpy(calib.mask).cuda()
     with (
-        TorchBackend("m2anet_small", device="cuda", precision="fp16") as eager,
+        TorchBackend("m2anet_small", device="cuda", precision="fp16", fold_bn=True) as eager,
         TorchBackend("m2anet_small", device="cuda", precision="fp16", cuda_graphs=True) as graphed,
     ):
         for n in (1, 3):
             want, got = eager.infer_torch(ct[:n], mask[:n]), graphed.infer_torch(ct[:n], mask[:n])
             for w, g in zip(want, got, strict=True):
-                torch.testing.assert_close(g, w, atol=2e-2, rtol=0)
+                torch.testing.assert_close(g, w, atol=5e-3, rtol=0)
         first = graphed.infer_torch(ct[:3], mask[:3])[0].clone()
         held = graphed.infer_torch(ct[:3], mask[:3])[0]
         graphed.infer_torch(ct[3:6], mask[3:6])  # replays the same graph with other nodes
@@ -906,9 +909,10 @@ def test_gpu_cuda_graphs_match_eager_and_outputs_belong_to_the_caller(calib):
 @needs_gpu
 def test_gpu_graphs_capture_while_another_thread_runs_its_own_backend(calib):
     """A Server-scenario client that reopens its backend after a failure captures its graphs while the other
-    clients run: they allocate, copy and synchronise their own streams around their forwards (the forwards
-    themselves take turns, cuda_math's lock), and CUDA's default (global) capture mode counts such calls
-    from any thread against a capture."""
+    clients run: they allocate, copy and synchronise their own streams around their forwards, and CUDA's
+    default (global) capture mode counts such calls from any thread against a capture; their forwards meet
+    batch sizes new to cuDNN's benchmark, which fails a capture in any mode, so captures and forwards take
+    turns (`capture`). On an H200 this failed both ways before the turns (2026-11-29)."""
     running, stop, other_errors, other_calls = threading.Event(), threading.Event(), [], [0]
 
     def other_client() -> None:
@@ -926,7 +930,7 @@ def test_gpu_graphs_capture_while_another_thread_runs_its_own_backend(calib):
 
     ct, mask = torch.from_numpy(calib.ct).cuda(), torch.from_numpy(calib.mask).cuda()
     thread = threading.Thread(target=other_client)
-    with TorchBackend("m2anet_small", device="cuda", precision="fp16") as eager:
+    with TorchBackend("m2anet_small", device="cuda", precision="fp16", fold_bn=True) as eager:
         want = [eager.infer_torch(ct[:n], mask[:n]) for n in range(1, 7)]
         thread.start()
         running.wait(timeout=300)
