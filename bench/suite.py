@@ -73,18 +73,18 @@ class BenchRun:
 
 def artifact_folder(options: BenchOptions) -> Path:
     folder = options.folder
-    if not (folder / MANIFEST).is_file() and (options.artifacts / MANIFEST).is_file():
-        raise ArtifactError(  # the model folder, as m2a-predict and m2a-triton take it
+    if (folder / MANIFEST).is_file():
+        return folder
+    if (options.artifacts / MANIFEST).is_file():  # the model folder, as m2a-predict and m2a-triton take it
+        raise ArtifactError(
             f"{options.artifacts} is one model's folder (it holds {MANIFEST}): m2a-bench takes the folder "
             f"above it, --artifacts {options.artifacts.parent} --model {options.artifacts.name}"
         )
-    if not (folder / MANIFEST).is_file():
-        threads = f" --threads {options.threads}" if options.threads else ""
-        raise ArtifactError(
-            f"no artifacts in {folder}: run m2a-export --model {options.model} --precision all "
-            f"--out {options.artifacts}{threads} first"
-        )
-    return folder
+    threads = f" --threads {options.threads}" if options.threads else ""
+    raise ArtifactError(
+        f"no artifacts in {folder}: run m2a-export --model {options.model} --precision all "
+        f"--out {options.artifacts}{threads} first"
+    )
 
 
 def _sweep(chosen: list[BackendSpec], folder: Path) -> tuple[int, ...]:
